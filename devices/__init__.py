@@ -1,0 +1,1 @@
+"""Execution-provider detection and placement."""

@@ -1,0 +1,1 @@
+"""Turn Hugging Face / GGUF models into edgespec bundles (needs the [export] extra)."""

@@ -1,0 +1,186 @@
+"""Write a bundle: graphs per model, tokenizer, chat template, manifest with checksums — atomically.
+
+Everything is written into a temporary sibling directory and renamed onto `--out` at the end,
+so an error or a kill halfway never leaves a half-written bundle where a bundle is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from edgespec.export.errors import ExportError
+from edgespec.export.graph import build_decoder
+from edgespec.export.sources import LoadedModel
+from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+
+QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "qdq")
+
+
+@dataclass
+class ExportOptions:
+    quant: str = "int4"
+    max_context: int = 2048
+    device: str = "cpu"  # cpu: dynamic fused graph; npu: static graphs (decode chunk 1 + verify chunk)
+    static_chunk: int = 16
+    block_size: int = 32
+    gguf_exact: bool = True
+    qdq_activations: str = "uint16"
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.quant not in QUANT_CHOICES:
+            raise ExportError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
+        if not isinstance(self.max_context, int) or self.max_context <= 0:
+            raise ExportError(f"--max-context must be a positive integer, got {self.max_context}")
+        if self.device not in ("cpu", "npu"):
+            raise ExportError(f"--device must be cpu or npu, got {self.device!r}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.static_chunk < 1 or self.static_chunk > self.max_context:
+            raise ExportError(f"--static-chunk must be in 1..max_context, got {self.static_chunk}")
+        if self.quant == "qdq" and self.device != "npu":
+            raise ExportError("--quant qdq makes static QDQ graphs for NPUs: use it with --device npu")
+        if self.device == "npu" and self.quant in ("int8", "int4"):
+            raise ExportError("NPU providers cannot run MatMulNBits (int8/int4) graphs: use --quant qdq, fp16 or fp32")
+
+
+def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    """Speculation compares token ids, so draft and target must map every id to the same string."""
+    tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if tv != dv or target.spec.vocab_size != draft.spec.vocab_size:
+        only_t = len(set(tv.items()) - set(dv.items()))
+        only_d = len(set(dv.items()) - set(tv.items()))
+        raise ExportError(
+            f"the draft's vocabulary differs from the target's ({len(dv)} vs {len(tv)} tokens, "
+            f"{only_t} target and {only_d} draft id/string pairs not shared; logits {draft.spec.vocab_size} vs "
+            f"{target.spec.vocab_size}): speculative decoding needs a draft with the target's tokenizer")
+
+
+def graph_plan(options: ExportOptions) -> dict[str, tuple[str, int | None]]:
+    """Graph name → (variant, chunk). CPU gets one dynamic fused graph; NPUs get fixed decode and verify shapes."""
+    if options.device == "cpu":
+        return {"fused": ("fused", None)}
+    return {"static-1": ("static", 1), f"static-{options.static_chunk}": ("static", options.static_chunk)}
+
+
+def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options: ExportOptions,
+              calibration: Callable[[onnx.ModelProto], object] | None) -> tuple[onnx.ModelProto, dict]:
+    q = options.quant
+    if q == "fp32":
+        return model, {"method": "fp32"}
+    if q == "fp16":
+        from edgespec.quant.fp16 import to_fp16
+        return to_fp16(model), {"method": "fp16"}
+    if q == "qdq":
+        from edgespec.quant.qdq import quantize_qdq
+        feeds = calibration(model) if calibration else None
+        return (quantize_qdq(model, feeds, activation_type=options.qdq_activations),
+                {"method": "qdq", "activations": options.qdq_activations, "weights": "uint8"})
+    bits = 4 if q == "int4" else 8
+    if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
+        from edgespec.quant.gguf_exact import carry_gguf_blocks
+        try:
+            model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec)
+            return model, {"method": "int4", "accuracy_level": 4, **info}
+        except ExportError as exc:
+            options.log(f"note: GGUF blocks not carried over exactly ({exc}); re-quantizing with RTN")
+    from edgespec.quant.weight_only import quantize_weight_only
+    model = quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4)
+    return model, {"method": q, "weights": "rtn", "bits": bits, "block_size": options.block_size,
+                   "lm_head_bits": 8, "accuracy_level": 4}
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims})
+        return out
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: ExportOptions,
+                       calibration: Callable | None = None) -> dict:
+    """Build, quantize and save each graph of one model; returns its manifest entry."""
+    rope = loaded.rope(options.max_context)
+    tie = options.quant == "fp32" or options.quant == "fp16"
+    entry: dict = {"source": loaded.source, "spec": loaded.spec.to_json(), "graphs": {}, "quantization": {}}
+    (root / role).mkdir(parents=True, exist_ok=True)
+    for name, (variant, chunk) in graph_plan(options).items():
+        t0 = time.perf_counter()
+        model = build_decoder(loaded.spec, loaded.weights, rope, options.max_context, variant, chunk,
+                              tie_lm_head=tie)
+        model, qinfo = _quantize(model, loaded, variant, options, calibration)
+        rel = f"{role}/{name}.onnx"
+        onnx.save_model(model, str(root / rel), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{name}.onnx.data", size_threshold=1024)
+        inputs, outputs = _io(model)
+        entry["graphs"][name] = {"file": rel, "data_file": f"{role}/{name}.onnx.data", "variant": variant,
+                                 "chunk": chunk, "inputs": inputs, "outputs": outputs}
+        entry["quantization"] = qinfo
+        size = (root / rel).stat().st_size + (root / f"{role}/{name}.onnx.data").stat().st_size
+        options.log(f"{role}/{name}: {size / 1e6:.1f} MB ({qinfo.get('method')}"
+                    f"{', ' + qinfo['weights'] if 'weights' in qinfo else ''}) in {time.perf_counter() - t0:.1f}s")
+    return entry
+
+
+def write_tokenizer(loaded: LoadedModel, root: Path) -> dict:
+    tok = loaded.tokenizer
+    tok.backend_tokenizer.save(str(root / "tokenizer.json"))
+    eos_ids = list(loaded.spec.eos_token_ids)
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
+        eos_ids.append(tok.eos_token_id)
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    if template:
+        (root / "chat_template.jinja").write_text(template)
+    return {"file": "tokenizer.json", "chat_template": template, "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token, "eos_token_ids": eos_ids,
+            "add_bos": bool(getattr(tok, "add_bos_token", False)),
+            "special_tokens": {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}}
+
+
+def finalize(root: Path, manifest: dict) -> None:
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST and not rel.startswith("cache/"):
+            files[rel] = sha256_file(path)
+    manifest["files"] = files
+    manifest["schema_version"] = SCHEMA_VERSION
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh sibling of `out` to build in; same filesystem, so the final rename is atomic."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished bundle onto `out`, replacing an older bundle only once the new one is complete."""
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise ExportError(f"{out} exists and is not an edgespec bundle; refusing to replace it")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

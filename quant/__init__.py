@@ -1,0 +1,1 @@
+"""Quantization passes over exported graphs, all through onnxruntime's own quantizers."""

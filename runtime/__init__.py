@@ -1,0 +1,1 @@
+"""The torch-free runtime: bundles, KV buffers, decoding loops."""

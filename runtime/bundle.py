@@ -1,0 +1,150 @@
+"""The bundle directory: manifest schema, checksum verification, and the errors for bad bundles.
+
+A bundle is everything the runtime needs (graphs, tokenizer, chat template, manifest) and
+nothing else. This module is shared by the exporter (which writes manifests) and the runtime
+(which reads them), and so imports only the standard library and numpy-free code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CACHE_DIR = "cache"  # inside the bundle; not checksummed (optimized graphs, cost curves)
+
+
+class BundleError(Exception):
+    """The bundle is missing, corrupt, or from an incompatible schema."""
+
+
+class ChecksumError(BundleError):
+    """A file in the bundle does not match the sha256 recorded in its manifest."""
+
+
+class SchemaVersionError(BundleError):
+    """The bundle was written by a newer (or unknown) manifest schema."""
+
+
+@dataclass
+class GraphInfo:
+    """One ONNX graph of a model: which interface variant it implements and its I/O."""
+
+    file: str
+    variant: str  # "fused" (dynamic chunk, in-place KV) or "static" (fixed chunk, returns new KV)
+    chunk: int | None
+    inputs: list[dict]
+    outputs: list[dict]
+    data_file: str | None = None
+
+    @staticmethod
+    def from_json(d: dict) -> GraphInfo:
+        return GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],
+                         outputs=d["outputs"], data_file=d.get("data_file"))
+
+
+@dataclass
+class ModelInfo:
+    """A model of the bundle (target or draft): its shape facts, quantization and graphs."""
+
+    role: str
+    spec: dict
+    quantization: dict
+    graphs: dict[str, GraphInfo]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec["num_layers"]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.spec["num_kv_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.spec["head_dim"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec["vocab_size"]
+
+
+@dataclass
+class Manifest:
+    root: Path
+    max_context: int
+    tokenizer: dict
+    models: dict[str, ModelInfo]
+    files: dict[str, str]
+    raw: dict
+
+    @property
+    def target(self) -> ModelInfo:
+        return self.models["target"]
+
+    @property
+    def draft(self) -> ModelInfo | None:
+        return self.models.get("draft")
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
+    """Read `manifest.json`, check its schema version and (by default) every file's sha256."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not an edgespec bundle: {MANIFEST} is missing")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
+    version = raw.get("schema_version")
+    if not isinstance(version, int):
+        raise SchemaVersionError(f"{mpath} has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(f"bundle schema version {version} is newer than this edgespec "
+                                 f"supports ({SCHEMA_VERSION}); upgrade edgespec or re-export the bundle")
+    if version < 1:
+        raise SchemaVersionError(f"bundle schema version {version} is not a known version")
+    try:
+        models = {role: ModelInfo(role=role, spec=m["spec"], quantization=m["quantization"],
+                                  graphs={k: GraphInfo.from_json(g) for k, g in m["graphs"].items()},
+                                  extra=m.get("extra", {}))
+                  for role, m in raw["models"].items()}
+        manifest = Manifest(root=root, max_context=int(raw["max_context"]), tokenizer=raw["tokenizer"],
+                            models=models, files=raw["files"], raw=raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{mpath} is missing or has a malformed field: {exc}") from exc
+    if "target" not in models:
+        raise BundleError(f"{mpath} has no target model")
+    if verify:
+        verify_files(manifest)
+    return manifest
+
+
+def verify_files(manifest: Manifest) -> None:
+    """Every recorded file exists with the recorded hash; raises ChecksumError naming the first bad one."""
+    for rel, expected in sorted(manifest.files.items()):
+        path = manifest.root / rel
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {rel}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumError(f"checksum mismatch for {rel}: the file was changed or corrupted "
+                                f"(expected sha256 {expected[:12]}…, got {actual[:12]}…)")

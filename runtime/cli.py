@@ -1,0 +1,89 @@
+"""`edgespec` command line: `generate` (and later subcommands registered by other modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgespec.runtime.bundle import BundleError
+from edgespec.runtime.sampling import SamplingError
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a bundle")
+    p.add_argument("--bundle", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
+    p.add_argument("--mode", default="ar")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict-device", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _generate(args) -> int:
+    from edgespec.runtime.engine import Engine
+
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read --prompt-file: {exc}") from exc
+    else:
+        prompt = args.prompt
+    engine = Engine.load(args.bundle, device=args.device, threads=args.threads, strict=args.strict_device)
+    if args.json:
+        r = engine.generate(prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, chat=args.chat,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+        print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                          "stats": r.stats, "message": r.message}))
+        return 0
+    from edgespec.runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
+    tokens = engine.prompt_tokens(prompt, args.chat)
+    r = engine.chat().run(tokens, args.max_new_tokens, args.mode, params,
+                          {"on_text": lambda piece: print(piece, end="", flush=True)})
+    print()
+    s = r.stats
+    note = f" ({r.message})" if r.message else ""
+    print(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, first token "
+          f"{(s['time_to_first_token'] or 0) * 1000:.0f} ms, finish: {r.finish_reason}{note}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgespec", description="edgespec on-device LLM runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (BundleError, SamplingError, ValueError) as exc:
+        print(f"edgespec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Decoding state shared by every mode, and the autoregressive baseline.
+
+A mode is a generator: it reads `state.tokens` (every committed token), runs its models and
+yields the tokens it commits next (one for `ar`, several for speculative modes). The engine
+appends them, checks the stop conditions and either resumes or closes the generator. Each
+model's KV holds a prefix of `state.tokens`; a mode first feeds whatever its models have not
+seen yet, so modes, turns and rollbacks compose without special cases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgespec.runtime.model import ModelRunner
+from edgespec.runtime.sampling import SamplingParams, apply_repetition_penalty, process_logits, sample
+
+
+@dataclass
+class DecodeState:
+    target: ModelRunner
+    draft: ModelRunner | None
+    tokens: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    options: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    prefilled: int = 0  # tokens fed to the target to catch up before the first new token
+
+    def next_token(self, logits: np.ndarray, context: list[int] | None = None) -> int:
+        """Choose one token from target logits with the sampling settings (greedy: argmax)."""
+        logits = apply_repetition_penalty(logits, np.asarray(context if context is not None else self.tokens),
+                                          self.params.repetition_penalty)
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        return sample(process_logits(logits, self.params), self.rng)
+
+
+def catch_up(runner: ModelRunner, tokens: list[int], keep_last: int = 0) -> np.ndarray | None:
+    """Feed the tokens `runner` has not seen, leaving the last `keep_last` unfed; returns the last logits.
+
+    Rolls back first if the runner holds more than the committed prefix (a discarded turn).
+    """
+    end = len(tokens) - keep_last
+    if runner.length > end:
+        runner.rollback(end)
+    if runner.length == end:
+        return None
+    return runner.prefill(tokens[runner.length:end])
+
+
+def decode_ar(state: DecodeState) -> Iterator[list[int]]:
+    """Plain autoregressive decoding with the target: one pass per token (the baseline)."""
+    target = state.target
+    t0 = time.perf_counter()
+    before = target.length
+    logits = catch_up(target, state.tokens)
+    state.prefilled = target.length - before
+    state.stats["prefill_seconds"] = time.perf_counter() - t0
+    if logits is None:  # everything already seen (cannot happen after a new turn): re-run the last token
+        target.rollback(target.length - 1)
+        logits = target.forward([state.tokens[-1]])[-1]
+    while True:
+        token = state.next_token(logits)
+        yield [token]
+        logits = target.forward([token])[-1]

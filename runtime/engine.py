@@ -1,0 +1,255 @@
+"""The embedded API: `Engine.load(bundle)`, `generate`, `stream`, and multi-turn chat sessions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.runtime.bundle import Manifest, load_manifest
+from edgespec.runtime.decoding import DecodeState, decode_ar
+from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
+from edgespec.runtime.sampling import SamplingParams
+from edgespec.runtime.text import BundleTokenizer
+
+MODES: dict[str, Callable] = {"ar": decode_ar}
+
+
+class PromptError(ValueError):
+    """The prompt is empty or does not fit in the bundle's context."""
+
+
+class ModeError(ValueError):
+    """The decoding mode is unknown or needs a model this bundle does not have."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens or context full)
+    stats: dict = field(default_factory=dict)
+    message: str = ""  # why generation ended early, when it is worth telling a user
+
+
+def register_mode(name: str, fn: Callable) -> None:
+    """Modes (spec, staged, ngram, ead, ...) register their generator here."""
+    MODES[name] = fn
+
+
+class Engine:
+    """A loaded bundle: tokenizer, target (and draft) runners with their KV buffers."""
+
+    def __init__(self, manifest: Manifest, tokenizer: BundleTokenizer, target: ModelRunner,
+                 draft: ModelRunner | None, load_seconds: float):
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.target = target
+        self.draft = draft
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, bundle: str | Path, device: str | dict = "auto", threads: int | None = None,
+             optimization: str = "all", verify: bool = True, strict: bool = False,
+             cache_optimized: bool = True, load_draft: bool = True) -> Engine:
+        """Open a bundle: verify its manifest and checksums, then create one session per model."""
+        t0 = time.perf_counter()
+        manifest = load_manifest(bundle, verify=verify)
+        config = SessionConfig(threads=threads, optimization=optimization, cache_optimized=cache_optimized)
+        from edgespec.runtime.placement import runners_for  # devices are optional at import time
+
+        target, draft = runners_for(manifest, config, device, strict, load_draft)
+        return cls(manifest, BundleTokenizer.from_manifest(manifest), target, draft, time.perf_counter() - t0)
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    def prompt_tokens(self, prompt: str | list[dict], chat: bool) -> list[int]:
+        if isinstance(prompt, list):
+            if not prompt:
+                raise PromptError("the conversation has no messages")
+            return self.tokenizer.encode(self.tokenizer.render_chat(prompt))
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        if chat:
+            return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": prompt}]))
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: list[str] | tuple[str, ...] = (), **mode_options) -> GenerationResult:
+        """Generate a completion; `prompt` may be a string or a list of chat messages."""
+        session = ChatSession(self)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+        tokens = self.prompt_tokens(prompt, chat)
+        return session.run(tokens, max_new_tokens, mode, params, mode_options)
+
+    def stream(self, prompt: str | list[dict], **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are decoded; each piece is complete UTF-8 text."""
+        pieces: list[str] = []
+        kwargs["on_text"] = pieces.append
+        session = ChatSession(self)
+        params = SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
+                                top_p=kwargs.pop("top_p", 1.0),
+                                repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
+                                seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
+        tokens = self.prompt_tokens(prompt, kwargs.pop("chat", False))
+        gen = session.iterate(tokens, kwargs.pop("max_new_tokens", 256), kwargs.pop("mode", "ar"), params,
+                              kwargs)
+        for _ in gen:
+            yield from pieces
+            pieces.clear()
+        yield from pieces
+
+    def chat(self) -> ChatSession:
+        """A conversation that keeps its KV between turns and prefills only each new turn."""
+        return ChatSession(self)
+
+
+class ChatSession:
+    """Committed tokens plus the models' KV; each turn feeds only what the models have not seen."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokens: list[int] = []
+        self.messages: list[dict] = []
+        self.last_result: GenerationResult | None = None
+        engine.target.rollback(0)
+        if engine.draft is not None:
+            engine.draft.rollback(0)
+
+    def send(self, content: str, max_new_tokens: int = 256, mode: str = "ar", **kwargs) -> GenerationResult:
+        """Add a user turn, generate the assistant turn, and keep both in the history."""
+        if not content.strip():
+            raise PromptError("the message is empty")
+        params = SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
+                                top_p=kwargs.pop("top_p", 1.0),
+                                repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
+                                seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
+        messages = self.messages + [{"role": "user", "content": content}]
+        tokens = self.engine.tokenizer.encode(self.engine.tokenizer.render_chat(messages))
+        result = self.run(tokens, max_new_tokens, mode, params, kwargs)
+        self.messages = messages + [{"role": "assistant", "content": result.text}]
+        return result
+
+    def run(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
+            options: dict) -> GenerationResult:
+        for _ in self.iterate(tokens, max_new_tokens, mode, params, options):
+            pass
+        assert self.last_result is not None
+        return self.last_result
+
+    def iterate(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
+                options: dict) -> Iterator[None]:
+        """The decode loop: run the mode, commit its tokens, stop on EOS / stop string / length."""
+        engine = self.engine
+        if mode not in MODES:
+            raise ModeError(f"unknown mode {mode!r}; available: {', '.join(sorted(MODES))}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not tokens:
+            raise PromptError("the prompt encodes to no tokens")
+        if len(tokens) >= engine.max_context:
+            raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
+                              f"{engine.max_context} (prompt plus at least one new token)")
+        on_text = options.pop("on_text", None)
+        reused = _common_prefix(self.tokens, tokens)
+        for runner in (engine.target, engine.draft):
+            if runner is not None and runner.length > reused:
+                runner.rollback(reused)
+        self.tokens = list(tokens)
+        state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
+                            rng=np.random.default_rng(params.seed), options=options)
+        eos = set(engine.tokenizer.eos_token_ids)
+        stream = engine.tokenizer.stream()
+        text, emitted = "", 0
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        new_ids: list[int] = []
+        finish, message = "length", ""
+        target_before = engine.target.stats.passes
+        draft_before = engine.draft.stats.passes if engine.draft is not None else 0
+        t_start = time.perf_counter()
+        t_first = None
+        gen = MODES[mode](state)
+        try:
+            while finish == "length" and len(new_ids) < max_new_tokens:
+                try:
+                    chunk = next(gen)
+                except ContextFullError:
+                    message = f"context full: the bundle holds {engine.max_context} tokens"
+                    break
+                if t_first is None:
+                    t_first = time.perf_counter()
+                for tok in chunk:
+                    new_ids.append(tok)
+                    self.tokens.append(tok)
+                    if tok in eos:
+                        finish = "stop"
+                        break
+                    piece = stream.step(engine.tokenizer.tokenizer, tok)
+                    if piece:
+                        text += piece
+                    hit = _find_stop(text, params.stop)
+                    if hit is not None:
+                        text, finish = text[:hit], "stop"
+                        break
+                    if len(new_ids) >= max_new_tokens:
+                        break
+                safe = len(text) if finish == "stop" else max(emitted, len(text) - holdback)
+                if on_text is not None and safe > emitted:
+                    on_text(text[emitted:safe])
+                    emitted = safe
+                yield None
+            if finish == "length" and not message and len(self.tokens) >= engine.max_context:
+                message = f"context full: the bundle holds {engine.max_context} tokens"
+        finally:
+            gen.close()
+        if on_text is not None and len(text) > emitted:
+            on_text(text[emitted:])
+        for runner in (engine.target, engine.draft):  # KV may hold rejected or not-yet-committed rows
+            if runner is not None and runner.length > len(self.tokens):
+                runner.rollback(len(self.tokens))
+        elapsed = time.perf_counter() - t_start
+        stats = dict(state.stats)
+        n = len(new_ids)
+        decode_time = elapsed - ((t_first - t_start) if t_first else 0.0)
+        stats.update({
+            "mode": mode, "prompt_tokens": len(tokens), "reused_tokens": reused, "prefill_tokens": state.prefilled,
+            "new_tokens": n, "seconds": elapsed,
+            "time_to_first_token": (t_first - t_start) if t_first else None,
+            "tokens_per_second": n / elapsed if elapsed > 0 else 0.0,
+            "decode_tokens_per_second": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
+            "target_passes": engine.target.stats.passes - target_before,
+            "draft_passes": (engine.draft.stats.passes - draft_before) if engine.draft is not None else 0,
+            "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
+            "peak_rss_bytes": _peak_rss(),
+        })
+        self.last_result = GenerationResult(text=text, token_ids=new_ids, finish_reason=finish, stats=stats,
+                                            message=message)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux ru_maxrss is in KiB)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # not on Windows
+        return 0

@@ -1,0 +1,254 @@
+"""One model of a bundle on onnxruntime, with its fixed-size KV buffer.
+
+The buffer is allocated once at load (`max_context` slots per layer) and bound to the session
+with IO binding as both past and present, so GroupQueryAttention writes each chunk's K/V in
+place. `length` is the write index: everything below it is valid, rollback is assigning it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgespec.runtime.bundle import CACHE_DIR, Manifest, ModelInfo
+
+
+class ContextFullError(RuntimeError):
+    """A pass would write past the end of the fixed-size KV buffer."""
+
+
+@dataclass
+class PassStats:
+    passes: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    by_chunk: dict[int, list[float]] = field(default_factory=dict)
+
+    def record(self, chunk: int, seconds: float) -> None:
+        self.passes += 1
+        self.tokens += chunk
+        self.seconds += seconds
+
+
+def physical_cores() -> int:
+    """Physical core count from /proc/cpuinfo (hyperthreads slow onnxruntime's matmuls); else os.cpu_count()."""
+    try:
+        pairs = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+            elif not line.strip() and core is not None:
+                pairs.add((phys, core))
+                phys = core = None
+        if core is not None:
+            pairs.add((phys, core))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+@dataclass
+class SessionConfig:
+    threads: int | None = None  # None: physical cores
+    optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    cache_optimized: bool = True
+
+    def session_options(self) -> ort.SessionOptions:
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if self.optimization not in levels:
+            raise ValueError(f"optimization must be one of {', '.join(levels)}, got {self.optimization!r}")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads or physical_cores()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = levels[self.optimization]
+        so.log_severity_level = 3
+        return so
+
+
+def open_graph_session(manifest: Manifest, graph_file: str, config: SessionConfig,
+                       providers: list | None = None) -> tuple[ort.InferenceSession, dict]:
+    """Open a graph, reusing the optimized copy in the bundle cache when one was saved before.
+
+    The cache key includes the file's checksum, the onnxruntime version and the providers, so a
+    re-export or an upgrade never reads a stale graph. The copy is written under a temporary name
+    and renamed, so an interrupted first load cannot leave a half-written cache file.
+    """
+    providers = providers or ["CPUExecutionProvider"]
+    source = manifest.path(graph_file)
+    digest = manifest.files.get(graph_file, "nochecksum")[:16]
+    provider_tag = "-".join(p if isinstance(p, str) else p[0] for p in providers)
+    cached = (manifest.root / CACHE_DIR /
+              f"{Path(graph_file).stem}.{digest}.{ort.__version__}.{config.optimization}.{provider_tag}.onnx")
+    so = config.session_options()
+    info = {"graph": graph_file, "cache": "off"}
+    t0 = time.perf_counter()
+    if config.cache_optimized and cached.is_file():
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            sess = ort.InferenceSession(str(cached), so, providers=providers)
+            info["cache"] = "hit"
+            info["load_seconds"] = time.perf_counter() - t0
+            info["providers"] = sess.get_providers()
+            return sess, info
+        except Exception:  # an unreadable cache file is rebuilt from the checksummed source below
+            cached.unlink(missing_ok=True)
+            so = config.session_options()
+    if config.cache_optimized and os.access(manifest.root, os.W_OK):
+        cached.parent.mkdir(exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}.onnx")
+        so.optimized_model_filepath = str(tmp)
+        # Initializers go to a data file named after the final graph name; the graph file is renamed
+        # into place last, so it only ever exists complete and pointing at complete data.
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            sess = ort.InferenceSession(str(source), so, providers=providers)
+            os.replace(tmp, cached)
+            info["cache"] = "written"
+        except Exception:  # e.g. an optimized graph over protobuf's 2 GB limit: run without a cache
+            tmp.unlink(missing_ok=True)
+            so = config.session_options()
+            sess = ort.InferenceSession(str(source), so, providers=providers)
+    else:
+        sess = ort.InferenceSession(str(source), so, providers=providers)
+    info["load_seconds"] = time.perf_counter() - t0
+    info["providers"] = sess.get_providers()
+    return sess, info
+
+
+class ModelRunner:
+    """Runs one model's graph over chunks of tokens against its preallocated KV buffer."""
+
+    def __init__(self, manifest: Manifest, info: ModelInfo, config: SessionConfig | None = None,
+                 providers: list | None = None, graph: str = "fused", max_chunk: int = 256):
+        self.info = info
+        self.role = info.role
+        self.max_context = manifest.max_context
+        self.vocab_size = info.vocab_size
+        if graph not in info.graphs:
+            raise ValueError(f"{info.role} model has no {graph!r} graph (has: {', '.join(info.graphs)})")
+        self.graph = info.graphs[graph]
+        self.session, self.load_info = open_graph_session(manifest, self.graph.file, config or SessionConfig(),
+                                                          providers)
+        self.static_chunk = self.graph.chunk if self.graph.variant == "static" else None
+        self.max_chunk = self.static_chunk or max_chunk
+        shape = (1, info.num_kv_heads, self.max_context, info.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
+        self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
+        if self.static_chunk is not None:
+            new_shape = (1, info.num_kv_heads, self.static_chunk, info.head_dim)
+            self._new = [np.zeros(new_shape, np.float32) for _ in range(2 * info.num_layers)]
+        self._binding = self.session.io_binding()
+        self._bind_kv()
+        self.length = 0
+        self.stats = PassStats()
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+    @property
+    def capacity(self) -> int:
+        """Slots still free in the KV buffer."""
+        return self.max_context - self.length
+
+    def _bind_kv(self) -> None:
+        b = self._binding
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            for name, arr in ((f"key.{i}", k), (f"value.{i}", v)):
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+                b.bind_ortvalue_input("past_" + name, value)
+                if self.static_chunk is None:
+                    b.bind_ortvalue_output("present_" + name, value)
+        if self.static_chunk is not None:
+            for j, arr in enumerate(self._new):
+                name = f"new_{'key' if j % 2 == 0 else 'value'}.{j // 2}"
+                b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
+
+    def forward(self, tokens: np.ndarray | list[int], positions: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> np.ndarray:
+        """Run one pass over `tokens`, writing their K/V at slots length..length+S-1; returns logits [S, V].
+
+        Without `positions`/`mask` the chunk is a causal continuation. The returned array is a view
+        into a preallocated buffer, valid until the next call. `length` advances by S; callers that
+        keep only part of the chunk call `rollback` or `keep` afterwards.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if n > self.max_chunk:
+            raise ValueError(f"chunk of {n} tokens exceeds this runner's max chunk {self.max_chunk}")
+        if self.length + n > self.max_context:
+            raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
+                                   f"{self.length} are used and this pass needs {n} more")
+        if positions is None:
+            positions = np.arange(self.length, self.length + n, dtype=np.int64)
+        if mask is None:
+            mask = np.tri(n, dtype=bool)
+        width = self.static_chunk or n
+        if width != n:  # static graph: pad to its fixed chunk; padded rows see only themselves
+            tokens = np.concatenate([tokens, np.zeros(width - n, np.int64)])
+            positions = np.concatenate([positions, np.full(width - n, positions[-1], np.int64)])
+            padded = np.eye(width, dtype=bool)
+            padded[:n, :n] = mask
+            mask = padded
+        b = self._binding
+        b.bind_cpu_input("input_ids", tokens.reshape(1, width))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64).reshape(1, width))
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        b.bind_cpu_input("past_length", np.array([self.length], np.int64))
+        logits = self._logits[:, :width]
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(b)
+        self.stats.record(n, time.perf_counter() - t0)
+        if self.static_chunk is not None:
+            for i in range(len(self.keys)):
+                self.keys[i][:, :, self.length:self.length + n] = self._new[2 * i][:, :, :n]
+                self.values[i][:, :, self.length:self.length + n] = self._new[2 * i + 1][:, :, :n]
+        self.length += n
+        return logits[0, :n]
+
+    def rollback(self, length: int) -> None:
+        """Forget every slot at or after `length`: the next pass overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: {self.length} slots are valid")
+        self.length = length
+
+    def keep(self, start: int, rows: list[int] | np.ndarray) -> None:
+        """After a tree pass that began at slot `start`, keep chunk rows `rows` (in order) as slots start, start+1, ..."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[-1] + start >= self.length or np.any(np.diff(rows) <= 0)):
+            raise ValueError("rows must be increasing indices into the last chunk")
+        src = start + rows
+        dst = start + np.arange(len(rows))
+        moved = src != dst
+        if moved.any():  # a gather of a few rows per layer; the source index is never below the target
+            for buf in self.keys + self.values:
+                buf[:, :, dst[moved]] = buf[:, :, src[moved]]
+        self.length = start + len(rows)
+
+    def prefill(self, tokens: list[int] | np.ndarray) -> np.ndarray:
+        """Feed tokens in chunks of at most `max_chunk`; returns the logits of the last one."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        logits = None
+        for i in range(0, len(tokens), self.max_chunk):
+            logits = self.forward(tokens[i:i + self.max_chunk])
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits[-1]

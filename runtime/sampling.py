@@ -1,0 +1,97 @@
+"""Sampling settings and the logits → distribution transform shared by every decoding mode.
+
+Speculative acceptance is exact only if the draft's q and the target's p come from the same
+transform (Leviathan et al. "standardise" every sampling method into a distribution), so all
+modes call `process_logits` here rather than each doing its own top-k/top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class SamplingError(ValueError):
+    """An invalid sampling setting (negative temperature, top_p outside (0, 1], ...)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy, as in the OpenAI API
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones."""
+    if penalty == 1.0 or len(previous) == 0:
+        return logits
+    out = logits.astype(np.float64, copy=True)
+    seen = np.unique(previous)
+    vals = out[..., seen]
+    out[..., seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Logits [..., V] → probabilities [..., V] (float64) after temperature, top-k and top-p.
+
+    Greedy becomes a one-hot on the argmax, which makes the speculative rules reduce to
+    "accept while the draft equals the target's argmax".
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if params.greedy:
+        probs = np.zeros_like(logits)
+        np.put_along_axis(probs, logits.argmax(-1)[..., None], 1.0, axis=-1)
+        return probs
+    scaled = logits / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -params.top_k, axis=-1)[..., -params.top_k][..., None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    scaled = scaled - scaled.max(-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(-1, keepdims=True)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, -1)
+        cum = np.cumsum(sorted_p, -1)
+        keep_sorted = (cum - sorted_p) < params.top_p  # keep the smallest prefix reaching top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    return probs
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token from a 1-D distribution by inverse CDF (one uniform per draw, reproducible)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+def entropy_bits(logits: np.ndarray) -> float:
+    """Shannon entropy in bits of softmax(logits), before any temperature (EAD's switching signal)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log2(nz)).sum())
