@@ -24,8 +24,12 @@ from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
-                  parity: bool = True) -> Path:
-    """Export `target` (and `draft`) into the bundle directory `out`; returns its path."""
+                  parity: bool = True, preloaded: dict | None = None) -> Path:
+    """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
+
+    `preloaded` maps a source string to an already loaded model, so callers exporting one model
+    several ways (tests, benchmarks) pay the ~30 s transformers load once.
+    """
     options = options or ExportOptions()
     options.validate()
     from edgespec.export import sources
@@ -35,11 +39,12 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"{target} looks like a hub id but HF_HUB_OFFLINE=1; pass a local directory or .gguf")
     t0 = time.perf_counter()
+    preloaded = preloaded or {}
     options.log(f"loading target {target} ...")
-    loaded = {"target": sources.load(target)}
+    loaded = {"target": preloaded.get(target) or sources.load(target)}
     if draft is not None:
         options.log(f"loading draft {draft} ...")
-        loaded["draft"] = sources.load(draft)
+        loaded["draft"] = preloaded.get(draft) or sources.load(draft)
         check_same_vocabulary(loaded["target"], loaded["draft"])
     tmp = staging_dir(out)
     try:
