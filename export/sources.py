@@ -30,6 +30,7 @@ class LoadedModel:
     tokenizer: object  # transformers PreTrainedTokenizerFast
     spec: ModelSpec
     weights: dict[str, np.ndarray]
+    source_layers: list[int] | None = None  # for a draft derived from a target: which target layers it kept
 
     def rope(self, max_context: int) -> RopeTable:
         rotary = self.model.model.rotary_emb
