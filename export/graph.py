@@ -92,7 +92,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
         bias = _fused_attention_bias(g)
         g.const("rope.cos", rope.cos)
         g.const("rope.sin", rope.sin)
-        
+
         g.op("Cast", ["past_length"], outputs=["past_length_i32"], to=TensorProto.INT32)
         g.op("Shape", ["input_ids"], outputs=["chunk_len"], start=1, end=2)
         total = g.op("Add", ["past_length", "chunk_len"], name="total_len")

@@ -59,8 +59,7 @@ def torch_reference(loaded: LoadedModel, new_tokens: int = 32, prompts: list[str
 def graph_parity(bundle_root: Path, role: str, graph: str, ref: Reference) -> dict:
     """Top-1 agreement and max |Δlogit| of one bundle graph against the torch reference."""
     manifest = load_manifest(bundle_root, verify=False)
-    runner = ModelRunner(manifest, manifest.models[role], SessionConfig(cache_optimized=False), graph=graph,
-                         max_chunk=64)
+    runner = ModelRunner.open(manifest, role, SessionConfig(cache_optimized=False), graph=graph, max_chunk=64)
     agree = total = 0
     max_err = 0.0
     for seq, plen, ref_logits in zip(ref.sequences, ref.prompt_lengths, ref.logits, strict=True):

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from edgespec.devices.placement import DevicePlacementError
 from edgespec.runtime.bundle import BundleError
 from edgespec.runtime.sampling import SamplingError
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgespec", description="edgespec on-device LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    from edgespec.devices.report import add_parser as add_devices
+
+    add_devices(sub)
     return parser
 
 
@@ -77,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
-    except (BundleError, SamplingError, ValueError) as exc:
+        return args.func(args)
+    except (BundleError, SamplingError, DevicePlacementError, ValueError) as exc:
         print(f"edgespec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgespec.runtime.bundle import CACHE_DIR, Manifest, ModelInfo
+from edgespec.runtime.bundle import CACHE_DIR, GraphInfo, Manifest, ModelInfo
 
 
 class ContextFullError(RuntimeError):
@@ -129,33 +129,71 @@ def open_graph_session(manifest: Manifest, graph_file: str, config: SessionConfi
     return sess, info
 
 
-class ModelRunner:
-    """Runs one model's graph over chunks of tokens against its preallocated KV buffer."""
+@dataclass
+class _GraphSlot:
+    """One session of a model with its IO binding; static graphs also own their new-K/V output arrays."""
 
-    def __init__(self, manifest: Manifest, info: ModelInfo, config: SessionConfig | None = None,
-                 providers: list | None = None, graph: str = "fused", max_chunk: int = 256):
+    info: GraphInfo
+    session: ort.InferenceSession
+    binding: ort.IOBinding
+    new_kv: list[np.ndarray] | None
+
+
+class ModelRunner:
+    """Runs one model over chunks of tokens against its preallocated KV buffer.
+
+    A model has either one fused graph (any chunk length, K/V written in place) or one or more
+    static graphs of fixed chunk lengths (for NPUs); each pass uses the smallest graph that fits.
+    """
+
+    def __init__(self, info: ModelInfo, max_context: int, sessions: list[tuple[GraphInfo, ort.InferenceSession]],
+                 max_chunk: int = 256, load_info: dict | None = None):
         self.info = info
         self.role = info.role
-        self.max_context = manifest.max_context
+        self.max_context = max_context
         self.vocab_size = info.vocab_size
-        if graph not in info.graphs:
-            raise ValueError(f"{info.role} model has no {graph!r} graph (has: {', '.join(info.graphs)})")
-        self.graph = info.graphs[graph]
-        self.session, self.load_info = open_graph_session(manifest, self.graph.file, config or SessionConfig(),
-                                                          providers)
-        self.static_chunk = self.graph.chunk if self.graph.variant == "static" else None
-        self.max_chunk = self.static_chunk or max_chunk
-        shape = (1, info.num_kv_heads, self.max_context, info.head_dim)
+        self.load_info = load_info or {}
+        shape = (1, info.num_kv_heads, max_context, info.head_dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
+        kv_values = [ort.OrtValue.ortvalue_from_numpy(a) for pair in zip(self.keys, self.values, strict=True)
+                     for a in pair]
+        self._slots = sorted((self._bind(g, s, kv_values) for g, s in sessions),
+                             key=lambda slot: slot.info.chunk or 1 << 30)
+        static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
+        self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
-        if self.static_chunk is not None:
-            new_shape = (1, info.num_kv_heads, self.static_chunk, info.head_dim)
-            self._new = [np.zeros(new_shape, np.float32) for _ in range(2 * info.num_layers)]
-        self._binding = self.session.io_binding()
-        self._bind_kv()
         self.length = 0
         self.stats = PassStats()
+
+    @classmethod
+    def open(cls, manifest: Manifest, role: str, config: SessionConfig | None = None, graph: str = "fused",
+             max_chunk: int = 256) -> ModelRunner:
+        """A runner on the default CPU provider for one named graph (export parity, tests, benchmarks)."""
+        info = manifest.models[role]
+        if graph not in info.graphs:
+            raise ValueError(f"{role} model has no {graph!r} graph (has: {', '.join(info.graphs)})")
+        session, load_info = open_graph_session(manifest, info.graphs[graph].file, config or SessionConfig())
+        return cls(info, manifest.max_context, [(info.graphs[graph], session)], max_chunk, load_info)
+
+    def _bind(self, graph: GraphInfo, session: ort.InferenceSession, kv_values: list) -> _GraphSlot:
+        binding = session.io_binding()
+        new_kv = None
+        if graph.variant == "static":
+            new_shape = (1, self.info.num_kv_heads, graph.chunk, self.info.head_dim)
+            new_kv = [np.zeros(new_shape, np.float32) for _ in range(2 * self.info.num_layers)]
+        for j, value in enumerate(kv_values):
+            name = f"{'key' if j % 2 == 0 else 'value'}.{j // 2}"
+            binding.bind_ortvalue_input("past_" + name, value)
+            if new_kv is None:
+                binding.bind_ortvalue_output("present_" + name, value)
+            else:
+                binding.bind_ortvalue_output("new_" + name, ort.OrtValue.ortvalue_from_numpy(new_kv[j]))
+        return _GraphSlot(graph, session, binding, new_kv)
+
+    @property
+    def providers(self) -> list[str]:
+        return self._slots[0].session.get_providers()
 
     @property
     def kv_bytes(self) -> int:
@@ -165,19 +203,6 @@ class ModelRunner:
     def capacity(self) -> int:
         """Slots still free in the KV buffer."""
         return self.max_context - self.length
-
-    def _bind_kv(self) -> None:
-        b = self._binding
-        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            for name, arr in ((f"key.{i}", k), (f"value.{i}", v)):
-                value = ort.OrtValue.ortvalue_from_numpy(arr)
-                b.bind_ortvalue_input("past_" + name, value)
-                if self.static_chunk is None:
-                    b.bind_ortvalue_output("present_" + name, value)
-        if self.static_chunk is not None:
-            for j, arr in enumerate(self._new):
-                name = f"new_{'key' if j % 2 == 0 else 'value'}.{j // 2}"
-                b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
 
     def forward(self, tokens: np.ndarray | list[int], positions: np.ndarray | None = None,
                 mask: np.ndarray | None = None) -> np.ndarray:
@@ -200,14 +225,15 @@ class ModelRunner:
             positions = np.arange(self.length, self.length + n, dtype=np.int64)
         if mask is None:
             mask = np.tri(n, dtype=bool)
-        width = self.static_chunk or n
+        slot = next(s for s in self._slots if s.info.chunk is None or s.info.chunk >= n)
+        width = slot.info.chunk or n
         if width != n:  # static graph: pad to its fixed chunk; padded rows see only themselves
             tokens = np.concatenate([tokens, np.zeros(width - n, np.int64)])
             positions = np.concatenate([positions, np.full(width - n, positions[-1], np.int64)])
             padded = np.eye(width, dtype=bool)
             padded[:n, :n] = mask
             mask = padded
-        b = self._binding
+        b = slot.binding
         b.bind_cpu_input("input_ids", tokens.reshape(1, width))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64).reshape(1, width))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
@@ -215,12 +241,13 @@ class ModelRunner:
         logits = self._logits[:, :width]
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(b)
+        slot.session.run_with_iobinding(b)
         self.stats.record(n, time.perf_counter() - t0)
-        if self.static_chunk is not None:
+        if slot.new_kv is not None:
+            end = self.length + n
             for i in range(len(self.keys)):
-                self.keys[i][:, :, self.length:self.length + n] = self._new[2 * i][:, :, :n]
-                self.values[i][:, :, self.length:self.length + n] = self._new[2 * i + 1][:, :, :n]
+                self.keys[i][:, :, self.length:end] = slot.new_kv[2 * i][:, :, :n]
+                self.values[i][:, :, self.length:end] = slot.new_kv[2 * i + 1][:, :, :n]
         self.length += n
         return logits[0, :n]
 
@@ -231,7 +258,7 @@ class ModelRunner:
         self.length = length
 
     def keep(self, start: int, rows: list[int] | np.ndarray) -> None:
-        """After a tree pass that began at slot `start`, keep chunk rows `rows` (in order) as slots start, start+1, ..."""
+        """After a tree pass that began at slot `start`, keep chunk rows `rows` (in order) as slots start, start+1..."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows[-1] + start >= self.length or np.any(np.diff(rows) <= 0)):
             raise ValueError("rows must be increasing indices into the last chunk")
