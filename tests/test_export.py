@@ -79,7 +79,7 @@ def test_static_and_fused_graphs_agree_with_torch(tiny_dir, tiny_bundle, tiny_np
         ref = model(torch.tensor([seq])).logits[0].numpy()
     for bundle, graph in ((tiny_bundle, "fused"), (tiny_npu_bundle, "static-8"), (tiny_npu_bundle, "static-1")):
         manifest = load_manifest(bundle)
-        runner = ModelRunner(manifest, manifest.target, SessionConfig(cache_optimized=False), graph=graph)
+        runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False), graph=graph)
         got = np.concatenate([runner.forward(seq[i:i + runner.max_chunk]).copy()
                               for i in range(0, len(seq), runner.max_chunk)])
         np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=graph)
@@ -88,7 +88,7 @@ def test_static_and_fused_graphs_agree_with_torch(tiny_dir, tiny_bundle, tiny_np
 def test_tree_mask_matches_separate_chains(tiny_bundle):
     """A tree pass (2-D mask + explicit positions) gives each node the logits of its own chain."""
     manifest = load_manifest(tiny_bundle)
-    runner = ModelRunner(manifest, manifest.target, SessionConfig(cache_optimized=False))
+    runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
     prefix = [5, 9, 14, 20, 7]
     runner.forward(prefix)
     # tree: root r=11 with children 12 and 13; 12 has child 15.  chains: r,12,15 and r,13
