@@ -1,1 +1,1 @@
-"""Quantization passes over exported graphs, all through onnxruntime's own quantizers."""
+"""Quantization passes over exported graphs: onnxruntime's own quantizers, plus a GGUF block repacker."""

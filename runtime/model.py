@@ -147,7 +147,7 @@ class ModelRunner:
     """
 
     def __init__(self, info: ModelInfo, max_context: int, sessions: list[tuple[GraphInfo, ort.InferenceSession]],
-                 max_chunk: int = 256, load_info: dict | None = None):
+                 max_chunk: int = 256, load_info: dict | None = None, min_rows: int = 2):
         self.info = info
         self.role = info.role
         self.max_context = max_context
@@ -163,6 +163,12 @@ class ModelRunner:
         static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
         self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
+        # onnxruntime's GroupQueryAttention takes a different code path for a one-token pass, and with
+        # int8-rounded activations (MatMulNBits accuracy level 4) its tiny differences grow to whole
+        # logits. Passes of 2..16 rows agree bit for bit, so every pass of a fused graph gets at least
+        # `min_rows` rows (a padding row whose K/V slot is never kept). That makes a row's logits
+        # independent of how many tokens share its pass, which lossless speculation needs.
+        self.min_rows = min_rows if any(s.info.variant == "fused" for s in self._slots) else 1
         self.length = 0
         self.stats = PassStats()
 
@@ -218,16 +224,16 @@ class ModelRunner:
             raise ValueError("forward needs at least one token")
         if n > self.max_chunk:
             raise ValueError(f"chunk of {n} tokens exceeds this runner's max chunk {self.max_chunk}")
-        if self.length + n > self.max_context:
+        if self.length + max(n, self.min_rows) > self.max_context:
             raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
-                                   f"{self.length} are used and this pass needs {n} more")
+                                   f"{self.length} are used and this pass needs {max(n, self.min_rows)} more")
         if positions is None:
             positions = np.arange(self.length, self.length + n, dtype=np.int64)
         if mask is None:
             mask = np.tri(n, dtype=bool)
         slot = next(s for s in self._slots if s.info.chunk is None or s.info.chunk >= n)
-        width = slot.info.chunk or n
-        if width != n:  # static graph: pad to its fixed chunk; padded rows see only themselves
+        width = slot.info.chunk or max(n, self.min_rows)
+        if width != n:  # pad to the static chunk or to min_rows; padded rows see only themselves
             tokens = np.concatenate([tokens, np.zeros(width - n, np.int64)])
             positions = np.concatenate([positions, np.full(width - n, positions[-1], np.int64)])
             padded = np.eye(width, dtype=bool)

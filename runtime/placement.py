@@ -27,7 +27,8 @@ def _open_role(manifest: Manifest, role: str, placement, config: SessionConfig, 
         for g in graphs:
             session, load_info = open_graph_session(manifest, g.file, config)
             sessions.append((g, session))
-        return ModelRunner(info, manifest.max_context, sessions, load_info=load_info | {"provider": first.key})
+        return ModelRunner(info, manifest.max_context, sessions, load_info=load_info | {"provider": first.key},
+                           min_rows=_min_rows(role))
     by_variant = {v: manifest.path(next(g.file for g in info.graphs.values() if g.variant == v))
                   for v in {c.variant for c in placement.candidates}}
     session, used = open_session(by_variant, role, placement, config.session_options, strict,
@@ -40,7 +41,13 @@ def _open_role(manifest: Manifest, role: str, placement, config: SessionConfig, 
         extra, _ = open_session(manifest.path(g.file), role, used, config.session_options, strict,
                                 cache_dir=manifest.root / CACHE_DIR)
         sessions.append((g, extra))
-    return ModelRunner(info, manifest.max_context, sessions, load_info={"provider": used.key, "variant": used.variant})
+    return ModelRunner(info, manifest.max_context, sessions, load_info={"provider": used.key, "variant": used.variant},
+                       min_rows=_min_rows(role))
+
+
+def _min_rows(role: str) -> int:
+    """Only the target's logits must not depend on pass size (see ModelRunner); the draft's may."""
+    return 2 if role == "target" else 1
 
 
 def _only(placement, candidate: Candidate):
