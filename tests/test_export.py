@@ -220,3 +220,18 @@ def test_default_quantized_parity(default_int8, default_int4):
         assert parity["top1_agreement"] >= floor
     int4 = load_manifest(default_int4).target.quantization
     assert int4.get("weights") == "gguf-exact"
+
+
+@pytest.mark.slow
+def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4):
+    """Lossless speculation needs a row's logits to be the same whatever else shares its pass."""
+    seq = list(np.random.default_rng(1).integers(100, 40000, 30))
+    for bundle in (default_int8, default_int4):
+        manifest = load_manifest(bundle)
+        runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
+        results = []
+        for step in (1, 3, 8, 16):
+            runner.rollback(0)
+            results.append(np.concatenate([runner.forward(seq[i:i + step]).copy() for i in range(0, len(seq), step)]))
+        for other in results[1:]:
+            np.testing.assert_array_equal(results[0], other, err_msg=bundle.name)
