@@ -235,3 +235,17 @@ def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4)
             results.append(np.concatenate([runner.forward(seq[i:i + step]).copy() for i in range(0, len(seq), step)]))
         for other in results[1:]:
             np.testing.assert_array_equal(results[0], other, err_msg=bundle.name)
+
+
+@pytest.mark.parametrize("quant, device", [("fp16", "cpu"), ("qdq", "npu"), ("int8", "cpu"), ("int4", "cpu")])
+def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, device):
+    out = tmp_path / f"tiny-{quant}"
+    export_bundle(str(tiny_dir), out, options=ExportOptions(quant=quant, device=device, max_context=128,
+                                                            static_chunk=8, log=quiet), parity=True)
+    manifest = load_manifest(out, verify=True)
+    assert manifest.target.quantization["method"] == quant
+    for graph in manifest.raw["models"]["target"]["graphs"].values():
+        assert graph["parity"]["positions"] == 160
+        assert graph["parity"]["top1_agreement"] > 0.5  # a tiny random model; the real bounds are tested below
+    r = Engine.load(out).generate("hello", max_new_tokens=6)
+    assert len(r.token_ids) == 6
