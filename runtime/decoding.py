@@ -53,8 +53,14 @@ def catch_up(runner: ModelRunner, tokens: list[int], keep_last: int = 0) -> np.n
 
 
 def decode_ar(state: DecodeState) -> Iterator[list[int]]:
-    """Plain autoregressive decoding with the target: one pass per token (the baseline)."""
+    """Plain autoregressive decoding: one pass per token (the baseline). `model="draft"` decodes with the draft."""
     target = state.target
+    if state.options.get("model", "target") == "draft":
+        if state.draft is None:
+            raise ValueError('model="draft" needs a bundle with a draft model')
+        target = state.draft
+    elif state.options.get("model", "target") != "target":
+        raise ValueError(f"model must be 'target' or 'draft', got {state.options['model']!r}")
     t0 = time.perf_counter()
     before = target.length
     logits = catch_up(target, state.tokens)

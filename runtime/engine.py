@@ -18,6 +18,13 @@ from edgespec.runtime.text import BundleTokenizer
 MODES: dict[str, Callable] = {"ar": decode_ar}
 
 
+def _register_builtin_modes() -> None:
+    from edgespec.runtime.ead import decode_ead, decode_ead_spec
+    from edgespec.runtime.speculative import decode_spec
+
+    MODES.update({"spec": decode_spec, "ead": decode_ead, "ead-spec": decode_ead_spec})
+
+
 class PromptError(ValueError):
     """The prompt is empty or does not fit in the bundle's context."""
 
@@ -148,6 +155,8 @@ class ChatSession:
                 options: dict) -> Iterator[None]:
         """The decode loop: run the mode, commit its tokens, stop on EOS / stop string / length."""
         engine = self.engine
+        if len(MODES) == 1:
+            _register_builtin_modes()
         if mode not in MODES:
             raise ModeError(f"unknown mode {mode!r}; available: {', '.join(sorted(MODES))}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -186,6 +195,9 @@ class ChatSession:
                 if t_first is None:
                     t_first = time.perf_counter()
                 for tok in chunk:
+                    if len(self.tokens) >= engine.max_context:  # every mode stops where `ar` must
+                        message = f"context full: the bundle holds {engine.max_context} tokens"
+                        break
                     new_ids.append(tok)
                     self.tokens.append(tok)
                     if tok in eos:
@@ -200,6 +212,8 @@ class ChatSession:
                         break
                     if len(new_ids) >= max_new_tokens:
                         break
+                if message:
+                    break
                 safe = len(text) if finish == "stop" else max(emitted, len(text) - holdback)
                 if on_text is not None and safe > emitted:
                     on_text(text[emitted:safe])

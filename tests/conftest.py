@@ -35,6 +35,17 @@ def tiny_bundle(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_bundle(tiny_dir, tmp_path_factory) -> Path:
+    """Tiny target plus a draft derived from its first layer (so the two agree part of the time)."""
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+
+    root = tmp_path_factory.mktemp("pair")
+    return export_bundle(str(tiny_dir), root / "bundle", derive_layers=1,
+                         options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=False)
+
+
+@pytest.fixture(scope="session")
 def default_model():
     from edgespec.export.sources import load
 

@@ -33,7 +33,7 @@ def make_tokenizer_json(chars: str) -> dict:
 
 def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, hidden: int = 64,
                         heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
-                        tie: bool = True, architecture: str = "llama") -> Path:
+                        tie: bool = True, architecture: str = "llama", init_std: float = 0.3) -> Path:
     """Save a random llama-style model with a char tokenizer and a ChatML template to `path`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,8 +49,10 @@ def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, h
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # larger logits than the default init, so greedy paths are not all ties
-        model.lm_head.weight.mul_(8.0) if not tie else model.model.embed_tokens.weight.mul_(8.0)
+    with torch.no_grad():  # wider than the default init: varied text and top-2 logit gaps far above noise
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, init_std)
     model.save_pretrained(path)
     (path / "tokenizer.json").write_text(json.dumps(tok_json))
     (path / "tokenizer_config.json").write_text(json.dumps({

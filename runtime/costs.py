@@ -1,0 +1,66 @@
+"""The measured cost of one pass at each chunk length, on this machine, cached in the bundle.
+
+On a CPU a pass over k tokens is not k-times free: int4 MatMulNBits GEMM costs ~4x its GEMV at
+8 rows (feasibility.md). How large a draft tree or chain pays depends on this curve, so it is
+measured once per bundle, model and thread count, and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.runtime.model import ModelRunner
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def measure_cost_curve(runner: ModelRunner, sizes: tuple[int, ...] = SIZES, prefix: int = 64,
+                       repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one pass with k new tokens after a `prefix`-token context.
+
+    Overwrites the runner's KV: it is left empty (length 0), so callers measure before decoding
+    and the next pass re-feeds the context.
+    """
+    sizes = tuple(k for k in sizes if k <= runner.max_chunk and prefix + k <= runner.max_context)
+    rng = np.random.default_rng(0)
+    runner.rollback(0)
+    runner.prefill(rng.integers(0, runner.vocab_size, prefix))
+    curve = {}
+    for k in sizes:
+        times = []
+        for _ in range(repeats + 1):
+            tokens = rng.integers(0, runner.vocab_size, k)
+            t0 = time.perf_counter()
+            runner.forward(tokens)
+            times.append(time.perf_counter() - t0)
+            runner.rollback(prefix)
+        curve[k] = float(np.median(times[1:]))
+    runner.rollback(0)
+    return curve
+
+
+def cached_cost_curve(runner: ModelRunner, cache_dir: Path, key: str) -> dict[int, float]:
+    """The curve from the bundle cache, measuring (and saving atomically) when absent."""
+    path = cache_dir / f"cost-curve.{key}.json"
+    if path.is_file():
+        try:
+            return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, json.JSONDecodeError):
+            path.unlink(missing_ok=True)
+    curve = measure_cost_curve(runner)
+    if os.access(cache_dir.parent, os.W_OK):
+        cache_dir.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(curve))
+        os.replace(tmp, path)
+    return curve
+
+
+def interpolate(curve: dict[int, float], k: int) -> float:
+    xs = sorted(curve)
+    return float(np.interp(k, xs, [curve[x] for x in xs]))

@@ -1,0 +1,159 @@
+"""Entropy-adaptive decoding (EAD, Simonds 2025): switch between the small and large model by entropy.
+
+LOSSY BY DESIGN: tokens produced while the small model is active are the small model's, not the
+large model's, so the output differs from the large model's own decoding. τ trades quality for
+cost; `edgespec calibrate-ead` picks it from a quality target.
+
+The small model is the bundle's draft, the large one its target. Each keeps its fixed-size KV
+buffer; a model that becomes active first catches up on the tokens it has not seen in one
+chunked pass. Entropy is in bits, of the active model's distribution before temperature;
+its rolling mean over `window` tokens is compared with τ, and after a switch the new model
+keeps control for at least `min_span` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+
+from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.sampling import entropy_bits
+from edgespec.runtime.speculative import chain_step, require_draft
+from edgespec.runtime.stats import SpecStats
+
+DEFAULT_TAU = 2.5
+DEFAULT_WINDOW = 5
+DEFAULT_MIN_SPAN = 10
+
+
+class EadController:
+    """The switching rule and its log, independent of how each model produces tokens."""
+
+    def __init__(self, tau: float, window: int, min_span: int, stats: dict, params_ratio: float):
+        if window < 1 or min_span < 0 or math.isnan(tau):
+            raise ValueError(f"EAD needs window >= 1, min_span >= 0 and a numeric tau (got {window}, {min_span}, {tau})")
+        self.tau, self.min_span = tau, min_span
+        self.entropies: deque[float] = deque(maxlen=window)
+        self.active = "small"
+        self.since_switch = min_span  # the first token may already switch
+        self.out = stats
+        self.params_ratio = params_ratio
+        self.counts = {"small": 0, "large": 0}
+        self.switches: list[dict] = []
+        self.catch_up_tokens = 0
+        self.catch_up_passes = 0
+        self.first_feed = True
+
+    @property
+    def mean_entropy(self) -> float:
+        return sum(self.entropies) / len(self.entropies)
+
+    def observe(self, entropy: float) -> None:
+        self.entropies.append(entropy)
+
+    def decide(self, position: int) -> bool:
+        """Apply the switching rule after the latest entropy; True when the active model changed."""
+        if self.since_switch < self.min_span:
+            return False
+        mean = self.mean_entropy
+        target = "large" if mean >= self.tau else "small"
+        if target == self.active:
+            return False
+        self.active = target
+        self.since_switch = 0
+        self.switches.append({"position": position, "to": target, "mean_entropy": round(mean, 4)})
+        return True
+
+    def produced(self, n: int) -> None:
+        self.counts[self.active] += n
+        self.since_switch += n
+        self.publish()
+
+    def publish(self) -> None:
+        total = max(sum(self.counts.values()), 1)
+        large_share = self.counts["large"] / total
+        self.out["ead"] = {
+            "tau": self.tau, "tokens_small": self.counts["small"], "tokens_large": self.counts["large"],
+            "large_share": large_share, "switches": len(self.switches), "switch_log": list(self.switches),
+            "catch_up_tokens": self.catch_up_tokens, "catch_up_passes": self.catch_up_passes,
+            "cost_estimate": large_share + (1 - large_share) * self.params_ratio,
+        }
+
+
+def _controller(state: DecodeState) -> EadController:
+    small = require_draft(state, "ead")
+    opts = state.options
+    ratio = small.info.spec.get("param_count", 1) / max(state.target.info.spec.get("param_count", 1), 1)
+    tau = float(opts.get("tau", state.options.get("bundle_tau", DEFAULT_TAU)))
+    return EadController(tau, int(opts.get("window", DEFAULT_WINDOW)), int(opts.get("min_span", DEFAULT_MIN_SPAN)),
+                         state.stats, ratio)
+
+
+def _catch_up_counted(ctl: EadController, state: DecodeState, runner, tokens: list[int]) -> np.ndarray:
+    """Logits for the next token from `runner`, feeding what it has not seen in one chunked pass.
+
+    The very first feed is the prompt's prefill; later feeds of more than the newest token are
+    the catch-up a switch costs.
+    """
+    before = runner.length
+    if runner.length >= len(tokens):  # nothing new: re-run the last token to get its logits
+        runner.rollback(len(tokens) - 1)
+    logits = catch_up(runner, tokens)
+    fed = runner.length - before
+    if ctl.first_feed:
+        ctl.first_feed = False
+        state.prefilled = fed
+    elif fed > 1:
+        ctl.catch_up_tokens += fed
+        ctl.catch_up_passes += 1
+    return logits
+
+
+def decode_ead(state: DecodeState) -> Iterator[list[int]]:
+    ctl = _controller(state)
+    runners = {"small": state.draft, "large": state.target}
+    while True:
+        tokens = state.tokens
+        logits = _catch_up_counted(ctl, state, runners[ctl.active], tokens)
+        ctl.observe(entropy_bits(logits))
+        if ctl.decide(len(tokens)):
+            logits = _catch_up_counted(ctl, state, runners[ctl.active], tokens)
+        token = state.next_token(logits)
+        ctl.produced(1)
+        yield [token]
+
+
+def decode_ead_spec(state: DecodeState) -> Iterator[list[int]]:
+    """EAD where the large model's stretches run as speculative steps drafted by the small model.
+
+    Low-entropy stretches: the small model alone, as in EAD. High-entropy stretches: instead of
+    the large model decoding token by token, the small model drafts and the large model verifies,
+    so those stretches are exactly the large model's output at a fraction of its passes.
+    """
+    ctl = _controller(state)
+    spec = SpecStats.attach(state)
+    small, large = state.draft, state.target
+    while True:
+        tokens = state.tokens
+        if ctl.active == "small":
+            logits = _catch_up_counted(ctl, state, small, tokens)
+            ctl.observe(entropy_bits(logits))
+            if not ctl.decide(len(tokens)):
+                token = state.next_token(logits)
+                ctl.produced(1)
+                yield [token]
+                continue
+        before = large.length
+        emitted, target_logits = chain_step(state, spec)
+        caught_up = large.length - before - len(emitted)
+        if caught_up > 0:
+            ctl.catch_up_tokens += caught_up
+            ctl.catch_up_passes += 1
+        for row in target_logits[:len(emitted)]:
+            ctl.observe(entropy_bits(row))
+        ctl.produced(len(emitted))
+        ctl.decide(len(tokens) + len(emitted))
+        yield emitted

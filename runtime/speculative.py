@@ -1,0 +1,98 @@
+"""Chain speculative decoding (`spec`): the draft proposes k tokens, the target checks them in one pass.
+
+Both models keep their own fixed-size KV buffer; a rejection rolls each back by moving its
+write index. With greedy settings the accepted prefix is exactly what the target would have
+produced alone; with sampling, Leviathan's rule keeps the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.sampling import apply_repetition_penalty, process_logits, sample
+from edgespec.runtime.stats import SpecStats
+
+
+def require_draft(state: DecodeState, mode: str):
+    if state.draft is None:
+        from edgespec.runtime.engine import ModeError
+
+        raise ModeError(f'mode="{mode}" needs a bundle with a draft model; this bundle has none. '
+                        f'Use mode="ngram" (model-free speculation) or export with --draft / --derive-draft')
+    return state.draft
+
+
+def distributions(state: DecodeState, logits: np.ndarray, contexts: list[list[int]]) -> np.ndarray:
+    """Per-row probabilities after repetition penalty (each row with its own context) and sampling settings."""
+    rows = [apply_repetition_penalty(row, np.asarray(ctx), state.params.repetition_penalty)
+            for row, ctx in zip(logits, contexts, strict=True)]
+    return process_logits(np.stack(rows), state.params)
+
+
+def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndarray]:
+    """One draft-then-verify step; returns the committed tokens and the target's logits for them.
+
+    On entry both models hold (a prefix of) `state.tokens` without its last token; on return the
+    target holds the committed prefix and the draft at most that, so the next step can start.
+    """
+    target, draft = state.target, state.draft
+    tokens = state.tokens
+    catch_up(target, tokens, keep_last=1)
+    k_fixed = state.options.get("k")
+    k = int(k_fixed) if k_fixed is not None else stats.choose_k(target.capacity - 1, *_pass_seconds(state))
+    k = max(0, min(k, target.capacity - 1, draft.capacity - 1))
+    t_draft = time.perf_counter()
+    catch_up(draft, tokens, keep_last=1)
+    proposal, q_rows = [], []
+    feed = tokens[-1]
+    for _ in range(k):
+        logits = draft.forward([feed])[-1]
+        q = distributions(state, logits[None], [tokens + proposal])[0]
+        feed = int(np.argmax(q)) if state.params.greedy else sample(q, state.rng)
+        proposal.append(feed)
+        q_rows.append(q)
+    stats.add_time("draft", time.perf_counter() - t_draft)
+    t_verify = time.perf_counter()
+    start = target.length
+    p_logits = target.forward([tokens[-1]] + proposal).copy()
+    p = distributions(state, p_logits, [tokens + proposal[:i] for i in range(k + 1)])
+    if state.params.greedy:
+        n = 0
+        while n < k and proposal[n] == int(np.argmax(p[n])):
+            n += 1
+        nxt = int(np.argmax(p[n]))
+    else:
+        from edgespec.runtime.accept import verify_chain_sampling
+
+        n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q_rows).reshape(k, -1), p, state.rng)
+    target.rollback(start + 1 + n)
+    draft.rollback(min(draft.length, start + 1 + n))
+    stats.add_time("verify", time.perf_counter() - t_verify)
+    stats.record_step(drafted=k, accepted=n, target_tokens=k + 1)
+    return proposal[:n] + [nxt], p_logits[:n + 1]
+
+
+def _pass_seconds(state: DecodeState) -> tuple[float | None, float | None]:
+    """Mean seconds of a draft pass and of a one-token target pass, once both have been measured."""
+    d, t = state.draft.stats, state.target.stats
+    draft_s = d.seconds / d.passes if d.passes else None
+    curve = state.options.get("target_cost_curve")
+    target_s = curve[1] if curve else (t.seconds / t.passes if t.passes else None)
+    return draft_s, target_s
+
+
+def decode_spec(state: DecodeState) -> Iterator[list[int]]:
+    require_draft(state, "spec")
+    stats = SpecStats.attach(state)
+    t0 = time.perf_counter()
+    before = state.target.length
+    catch_up(state.target, state.tokens, keep_last=1)
+    state.prefilled = state.target.length - before + 1
+    stats.add_time("prefill", time.perf_counter() - t0)
+    while True:
+        emitted, _ = chain_step(state, stats)
+        yield emitted

@@ -1,0 +1,104 @@
+"""Speculation statistics and the adaptive choice of draft size they feed.
+
+Acceptance α is estimated online (maximum likelihood for a truncated geometric: accepted /
+(accepted + rejections)); the draft cost c and the verify cost curve are measured. The draft
+size that maximises Leviathan's expected speedup S = E[tokens] / (k·c + c_verify(k+1)) is
+chosen each step, so the size follows the text (code runs long, prose short).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgespec.runtime.costs import interpolate
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens per target pass when k drafts are each accepted with probability alpha (plus the target's own)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class SpecStats:
+    """Counters that also live, as plain values, in the result's `stats` dict."""
+
+    out: dict
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0
+    target_tokens: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    prior_alpha: float = 0.6
+    prior_weight: float = 4.0
+    target_curve: dict[int, float] | None = None
+    draft_cost: float | None = None  # seconds of one draft pass
+    k_max: int = 12
+
+    @staticmethod
+    def attach(state) -> SpecStats:
+        stats = SpecStats(out=state.stats)
+        state.stats["speculative"] = {}
+        state.spec_stats = stats
+        curve = state.options.get("target_cost_curve")
+        if curve:
+            stats.target_curve = curve
+        return stats
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance, smoothed towards a prior so the first steps are not extreme."""
+        return ((self.accepted + self.prior_alpha * self.prior_weight)
+                / (self.accepted + self.rejections + self.prior_weight))
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def record_step(self, drafted: int, accepted: int, target_tokens: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rejections += int(accepted < drafted)
+        self.target_tokens += target_tokens
+        emitted = accepted + 1
+        self.histogram[emitted] = self.histogram.get(emitted, 0) + 1
+        self.publish()
+
+    def choose_k(self, limit: int, draft_seconds: float | None = None, target_seconds: float | None = None) -> int:
+        """Draft length maximising expected speedup given measured acceptance and costs."""
+        c = self.draft_cost_ratio(draft_seconds, target_seconds)
+        best_k, best = 0, 1.0 / self.verify_cost(1)
+        for k in range(1, min(self.k_max, limit) + 1):
+            s = expected_tokens(self.alpha, k) / (k * c + self.verify_cost(k + 1))
+            if s > best:
+                best_k, best = k, s
+        return best_k
+
+    def draft_cost_ratio(self, draft_seconds: float | None, target_seconds: float | None) -> float:
+        if draft_seconds and target_seconds:
+            return draft_seconds / target_seconds
+        return 0.25
+
+    def verify_cost(self, k: int) -> float:
+        """Cost of a k-token target pass relative to a 1-token pass (1.0 when unmeasured)."""
+        if not self.target_curve:
+            return 1.0 + 0.05 * (k - 1)
+        return interpolate(self.target_curve, k) / interpolate(self.target_curve, 1)
+
+    def publish(self) -> None:
+        steps = max(self.steps, 1)
+        mean = (self.accepted + self.steps) / steps
+        c = self.out.get("draft_cost_ratio", 0.0) or 0.0
+        k_mean = self.drafted / steps
+        implied = expected_tokens(self.alpha, round(k_mean)) / (k_mean * c + self.verify_cost(round(k_mean) + 1))
+        self.out["speculative"] = {
+            "steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "alpha_estimate": self.alpha, "tokens_per_target_pass": mean,
+            "accepted_histogram": dict(sorted(self.histogram.items())),
+            "seconds_by_stage": dict(self.seconds), "mean_draft_length": k_mean,
+            "leviathan_implied_speedup": implied,
+        }

@@ -1,0 +1,93 @@
+"""Speculative and entropy-adaptive modes on tiny real graphs: losslessness and switching behaviour."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgespec.runtime.engine import Engine, ModeError
+
+PROMPTS = ["hello", "def f(x):", "abc abc abc abc", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair_bundle):
+    return Engine.load(tiny_pair_bundle)
+
+
+@pytest.mark.parametrize("k", [None, 1, 3, 6])
+def test_spec_greedy_is_identical_to_ar(pair, k):
+    options = {} if k is None else {"k": k}
+    for prompt in PROMPTS:
+        ar = pair.generate(prompt, max_new_tokens=48)
+        spec = pair.generate(prompt, max_new_tokens=48, mode="spec", **options)
+        assert spec.token_ids == ar.token_ids, prompt
+        assert spec.finish_reason == ar.finish_reason
+        if k:
+            assert spec.stats["target_passes"] < ar.stats["target_passes"] or spec.stats["speculative"]["accepted"] == 0
+
+
+def test_spec_stops_at_the_context_end_like_ar(pair):
+    prompt = "x" * (pair.max_context - 12)
+    ar = pair.generate(prompt, max_new_tokens=40)
+    spec = pair.generate(prompt, max_new_tokens=40, mode="spec", k=4)
+    assert ar.finish_reason == spec.finish_reason == "length"
+    assert spec.token_ids == ar.token_ids
+
+
+def test_spec_stats_are_consistent(pair):
+    r = pair.generate("def f(x):", max_new_tokens=40, mode="spec", k=3)
+    s = r.stats["speculative"]
+    assert s["steps"] == sum(s["accepted_histogram"].values())
+    assert sum(n * c for n, c in s["accepted_histogram"].items()) >= len(r.token_ids)
+    assert 0.0 <= s["acceptance_rate"] <= 1.0
+    assert s["drafted"] == 3 * s["steps"] or r.finish_reason == "length"
+
+
+def test_modes_needing_a_draft_say_so(tiny_bundle):
+    engine = Engine.load(tiny_bundle)
+    for mode in ("spec", "ead", "ead-spec"):
+        with pytest.raises(ModeError, match='mode="ngram"'):
+            engine.generate("hello", max_new_tokens=4, mode=mode)
+
+
+def test_ead_tau_zero_is_the_large_model(pair):
+    for prompt in PROMPTS:
+        ar = pair.generate(prompt, max_new_tokens=40)
+        ead = pair.generate(prompt, max_new_tokens=40, mode="ead", tau=0.0)
+        assert ead.token_ids == ar.token_ids
+        assert ead.stats["ead"]["large_share"] == 1.0
+
+
+def test_ead_tau_infinite_is_the_small_model(pair):
+    for prompt in PROMPTS:
+        small = pair.generate(prompt, max_new_tokens=40, model="draft")
+        ead = pair.generate(prompt, max_new_tokens=40, mode="ead", tau=float("inf"))
+        assert ead.token_ids == small.token_ids
+        assert ead.stats["ead"]["large_share"] == 0.0 and ead.stats["ead"]["switches"] == 0
+
+
+def test_ead_switches_respect_min_span_and_catch_up_once(pair):
+    seen = 0
+    for tau in (2.0, 3.0, 4.0, 5.0):
+        for prompt in PROMPTS:
+            r = pair.generate(prompt, max_new_tokens=80, mode="ead", tau=tau, min_span=6)
+            log = r.stats["ead"]["switch_log"]
+            positions = [s["position"] for s in log]
+            assert all(b - a >= 6 for a, b in zip(positions, positions[1:], strict=False)), log
+            # every switch costs exactly one catch-up pass of the newly active model, never token by token
+            assert r.stats["ead"]["catch_up_passes"] == len(log)
+            seen += len(log) > 1
+    assert seen > 0, "no setting produced two or more switches; the test did not exercise switching"
+
+
+def test_ead_spec_tau_zero_is_lossless(pair):
+    """With tau=0 every stretch is a large-model stretch, run as exact speculation."""
+    for prompt in PROMPTS:
+        ar = pair.generate(prompt, max_new_tokens=40)
+        r = pair.generate(prompt, max_new_tokens=40, mode="ead-spec", tau=0.0)
+        assert r.token_ids == ar.token_ids
+
+
+def test_ead_rejects_bad_options(pair):
+    with pytest.raises(ValueError, match="window"):
+        pair.generate("hello", max_new_tokens=4, mode="ead", window=0)
