@@ -34,7 +34,8 @@ class EadController:
 
     def __init__(self, tau: float, window: int, min_span: int, stats: dict, params_ratio: float):
         if window < 1 or min_span < 0 or math.isnan(tau):
-            raise ValueError(f"EAD needs window >= 1, min_span >= 0 and a numeric tau (got {window}, {min_span}, {tau})")
+            raise ValueError(f"EAD needs window >= 1, min_span >= 0 and a numeric tau "
+                             f"(got {window}, {min_span}, {tau})")
         self.tau, self.min_span = tau, min_span
         self.entropies: deque[float] = deque(maxlen=window)
         self.active = "small"
