@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgespec.devices.report import add_parser as add_devices
 
     add_devices(sub)
+    from edgespec.runtime.calibrate import add_parser as add_calibrate
+
+    add_calibrate(sub)
     return parser
 
 

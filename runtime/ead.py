@@ -88,7 +88,7 @@ def _controller(state: DecodeState) -> EadController:
     small = require_draft(state, "ead")
     opts = state.options
     ratio = small.info.spec.get("param_count", 1) / max(state.target.info.spec.get("param_count", 1), 1)
-    tau = float(opts.get("tau", state.options.get("bundle_tau", DEFAULT_TAU)))
+    tau = float(opts.get("tau", opts.get("bundle_tau", DEFAULT_TAU)))
     return EadController(tau, int(opts.get("window", DEFAULT_WINDOW)), int(opts.get("min_span", DEFAULT_MIN_SPAN)),
                          state.stats, ratio)
 

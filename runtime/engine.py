@@ -172,6 +172,9 @@ class ChatSession:
             if runner is not None and runner.length > reused:
                 runner.rollback(reused)
         self.tokens = list(tokens)
+        bundle_tau = engine.manifest.raw.get("runtime", {}).get("ead", {}).get("tau")
+        if bundle_tau is not None:
+            options.setdefault("bundle_tau", bundle_tau)
         state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
                             rng=np.random.default_rng(params.seed), options=options)
         eos = set(engine.tokenizer.eos_token_ids)

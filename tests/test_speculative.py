@@ -91,3 +91,44 @@ def test_ead_spec_tau_zero_is_lossless(pair):
 def test_ead_rejects_bad_options(pair):
     with pytest.raises(ValueError, match="window"):
         pair.generate("hello", max_new_tokens=4, mode="ead", window=0)
+
+
+def test_quality_measures():
+    from edgespec.runtime.quality import rouge_l, token_agreement
+
+    assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert rouge_l([1, 2, 3, 4], [9, 9]) == 0.0
+    assert abs(rouge_l([1, 2, 3, 4], [1, 3, 4]) - 2 * (1.0 * 0.75) / 1.75) < 1e-12
+    assert token_agreement([1, 2, 3], [1, 5, 3]) == 2 / 3
+
+
+def test_large_model_nll_prefers_its_own_output(pair):
+    from edgespec.runtime.quality import mean_nll
+
+    prompt = pair.tokenizer.encode("def f(x):")
+    own = pair.generate("def f(x):", max_new_tokens=24).token_ids
+    small = pair.generate("def f(x):", max_new_tokens=24, model="draft").token_ids
+    assert mean_nll(pair.target, prompt, own) < mean_nll(pair.target, prompt, small)
+
+
+def test_calibrate_ead_writes_tau_and_plot(tiny_pair_bundle, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_pair_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\ndef f(x):\n")
+    plot = tmp_path / "cal.png"
+    proc = subprocess.run([sys.executable, "-m", "edgespec.runtime.cli", "calibrate-ead", "--bundle", str(bundle),
+                           "--prompts", str(prompts), "--quality", "0.8", "--taus", "0,2,3,4,6",
+                           "--max-new-tokens", "24", "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ead = json.loads((bundle / "manifest.json").read_text())["runtime"]["ead"]
+    assert ead["chosen"]["rouge_l"] >= 0.8 and ead["tau"] in (0, 2, 3, 4, 6)
+    assert all(row["rouge_l"] < 0.8 for row in ead["sweep"] if row["tau"] > ead["tau"])
+    assert plot.stat().st_size > 1000
+    r = Engine.load(bundle).generate("hello", max_new_tokens=8, mode="ead")
+    assert r.stats["ead"]["tau"] == ead["tau"]
