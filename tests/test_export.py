@@ -246,6 +246,7 @@ def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, dev
     assert manifest.target.quantization["method"] == quant
     for graph in manifest.raw["models"]["target"]["graphs"].values():
         assert graph["parity"]["positions"] == 160
-        assert graph["parity"]["top1_agreement"] > 0.5  # a tiny random model; the real bounds are tested below
+        # a tiny random model with wide weights (chance is 1/84); the real model's bounds are tested below
+        assert graph["parity"]["top1_agreement"] > 0.25
     r = Engine.load(out).generate("hello", max_new_tokens=6)
     assert len(r.token_ids) == 6

@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
+from tiny import make_tiny_model_dir
 
 from edgespec.export.graph import build_decoder
 from edgespec.export.sources import load
@@ -26,8 +27,9 @@ GGUF_LAYOUT = {"attn_q": ("q_proj", Q.Q4_0), "attn_k": ("k_proj", Q.Q4_1), "attn
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load(str(tiny_dir))
+def tiny(tmp_path_factory):
+    """transformers' own small initialisation: activations of the size weight quantizers are made for."""
+    return load(str(make_tiny_model_dir(tmp_path_factory.mktemp("quant") / "model", init_std=None, embed_scale=8.0)))
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,13 @@ def make_tokenizer_json(chars: str) -> dict:
 
 def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, hidden: int = 64,
                         heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
-                        tie: bool = True, architecture: str = "llama", init_std: float = 0.3) -> Path:
-    """Save a random llama-style model with a char tokenizer and a ChatML template to `path`."""
+                        tie: bool = True, architecture: str = "llama", init_std: float | None = 0.3,
+                        embed_scale: float = 1.0) -> Path:
+    """Save a random llama-style model with a char tokenizer and a ChatML template to `path`.
+
+    `init_std=None` keeps transformers' initialisation (small activations, as quantizers like);
+    the default 0.3 gives varied greedy text for decoding tests.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,8 +56,9 @@ def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, h
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # wider than the default init: varied text and top-2 logit gaps far above noise
         for weight in model.parameters():
-            if weight.dim() == 2:
+            if weight.dim() == 2 and init_std is not None:
                 weight.normal_(0.0, init_std)
+        model.model.embed_tokens.weight.mul_(embed_scale)
     model.save_pretrained(path)
     (path / "tokenizer.json").write_text(json.dumps(tok_json))
     (path / "tokenizer_config.json").write_text(json.dumps({
