@@ -21,8 +21,13 @@ MODES: dict[str, Callable] = {"ar": decode_ar}
 def _register_builtin_modes() -> None:
     from edgespec.runtime.ead import decode_ead, decode_ead_spec
     from edgespec.runtime.speculative import decode_spec
+    from edgespec.runtime.staged import decode_ngram, decode_staged
 
-    MODES.update({"spec": decode_spec, "ead": decode_ead, "ead-spec": decode_ead_spec})
+    MODES.update({"spec": decode_spec, "staged": decode_staged, "ngram": decode_ngram, "ead": decode_ead,
+                  "ead-spec": decode_ead_spec})
+
+
+SPECULATIVE_MODES = ("spec", "staged", "ngram", "ead-spec")
 
 
 class PromptError(ValueError):
@@ -57,6 +62,9 @@ class Engine:
         self.target = target
         self.draft = draft
         self.load_seconds = load_seconds
+        self.ngram_model = _load_ngram(manifest)
+        self.target_cost_curve: dict[int, float] | None = None
+        self.threads = 0  # set by load(); part of the cost-curve cache key
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | dict = "auto", threads: int | None = None,
@@ -69,7 +77,9 @@ class Engine:
         from edgespec.runtime.placement import runners_for  # devices are optional at import time
 
         target, draft = runners_for(manifest, config, device, strict, load_draft)
-        return cls(manifest, BundleTokenizer.from_manifest(manifest), target, draft, time.perf_counter() - t0)
+        engine = cls(manifest, BundleTokenizer.from_manifest(manifest), target, draft, time.perf_counter() - t0)
+        engine.threads = config.session_options().intra_op_num_threads
+        return engine
 
     @property
     def max_context(self) -> int:
@@ -112,6 +122,19 @@ class Engine:
             yield from pieces
             pieces.clear()
         yield from pieces
+
+    def cost_curve(self) -> dict[int, float]:
+        """Seconds of a target pass per chunk length on this machine, measured once and kept in the bundle cache.
+
+        Measuring overwrites the target's KV, so it is done before a generation starts.
+        """
+        from edgespec.runtime.bundle import CACHE_DIR
+        from edgespec.runtime.costs import cached_cost_curve
+
+        digest = self.manifest.files.get(self.manifest.target.graphs[next(iter(self.manifest.target.graphs))].file,
+                                         "")[:12]
+        key = f"target-{digest}-{self.target.load_info.get('provider', 'cpu')}-t{self.threads}"
+        return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, key)
 
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""
@@ -167,6 +190,8 @@ class ChatSession:
             raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
                               f"{engine.max_context} (prompt plus at least one new token)")
         on_text = options.pop("on_text", None)
+        if mode in SPECULATIVE_MODES and engine.target_cost_curve is None:
+            engine.target_cost_curve = engine.cost_curve()
         reused = _common_prefix(self.tokens, tokens)
         for runner in (engine.target, engine.draft):
             if runner is not None and runner.length > reused:
@@ -175,6 +200,9 @@ class ChatSession:
         bundle_tau = engine.manifest.raw.get("runtime", {}).get("ead", {}).get("tau")
         if bundle_tau is not None:
             options.setdefault("bundle_tau", bundle_tau)
+        options.setdefault("ngram_model", engine.ngram_model)
+        if engine.target_cost_curve:
+            options.setdefault("target_cost_curve", engine.target_cost_curve)
         state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
                             rng=np.random.default_rng(params.seed), options=options)
         eos = set(engine.tokenizer.eos_token_ids)
@@ -248,6 +276,16 @@ class ChatSession:
         })
         self.last_result = GenerationResult(text=text, token_ids=new_ids, finish_reason=finish, stats=stats,
                                             message=message)
+
+
+def _load_ngram(manifest: Manifest):
+    """The bundle's trigram table (built at export with --ngram-tokens), if it has one."""
+    entry = manifest.raw.get("ngram")
+    if not entry:
+        return None
+    from edgespec.runtime.ngram import NgramModel
+
+    return NgramModel.load(manifest.path(entry["file"]))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

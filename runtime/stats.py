@@ -78,7 +78,7 @@ class SpecStats:
         return best_k
 
     def draft_cost_ratio(self, draft_seconds: float | None, target_seconds: float | None) -> float:
-        if draft_seconds and target_seconds:
+        if draft_seconds is not None and target_seconds:
             return draft_seconds / target_seconds
         return 0.25
 

@@ -26,12 +26,39 @@ def test_spec_greedy_is_identical_to_ar(pair, k):
             assert spec.stats["target_passes"] < ar.stats["target_passes"] or spec.stats["speculative"]["accepted"] == 0
 
 
-def test_spec_stops_at_the_context_end_like_ar(pair):
+@pytest.mark.parametrize("mode, options", [("staged", {}), ("staged", {"depth": 4}), ("staged", {"depth": 8}),
+                                           ("ngram", {}), ("ngram", {"k": 6})])
+def test_staged_and_ngram_greedy_are_identical_to_ar(pair, mode, options):
+    for prompt in PROMPTS + ["ab ab ab ab ab ab ab ab ab ab ab"]:
+        ar = pair.generate(prompt, max_new_tokens=48)
+        r = pair.generate(prompt, max_new_tokens=48, mode=mode, **options)
+        assert r.token_ids == ar.token_ids, (prompt, mode, options)
+
+
+@pytest.mark.parametrize("mode, options", [("spec", {"k": 4}), ("staged", {"depth": 6}), ("ngram", {"k": 6})])
+def test_speculation_stops_at_the_context_end_like_ar(pair, mode, options):
     prompt = "x" * (pair.max_context - 12)
     ar = pair.generate(prompt, max_new_tokens=40)
-    spec = pair.generate(prompt, max_new_tokens=40, mode="spec", k=4)
+    spec = pair.generate(prompt, max_new_tokens=40, mode=mode, **options)
     assert ar.finish_reason == spec.finish_reason == "length"
     assert spec.token_ids == ar.token_ids
+
+
+def test_staged_reports_both_stages(pair):
+    r = pair.generate("ab ab ab ab ab ab ab", max_new_tokens=40, mode="staged", depth=4)
+    assert r.stats["draft_passes"] > 0 and r.stats["staged"]["ngram_proposed"] > 0
+    assert set(r.stats["speculative"]["seconds_by_stage"]) >= {"prefill", "draft", "verify"}
+    assert r.stats["speculative"]["leviathan_implied_speedup"] > 0
+
+
+def test_ngram_mode_speeds_up_repetition(pair):
+    """On text the context lookup can predict, ngram commits several tokens per target pass."""
+    prompt = "abcdefgh " * 6 + "abcd"
+    ar = pair.generate(prompt, max_new_tokens=40)
+    r = pair.generate(prompt, max_new_tokens=40, mode="ngram", k=6)
+    assert r.token_ids == ar.token_ids
+    if ar.text.startswith("efgh"):
+        assert r.stats["speculative"]["tokens_per_target_pass"] > 1.5
 
 
 def test_spec_stats_are_consistent(pair):
@@ -45,7 +72,7 @@ def test_spec_stats_are_consistent(pair):
 
 def test_modes_needing_a_draft_say_so(tiny_bundle):
     engine = Engine.load(tiny_bundle)
-    for mode in ("spec", "ead", "ead-spec"):
+    for mode in ("spec", "staged", "ead", "ead-spec"):
         with pytest.raises(ModeError, match='mode="ngram"'):
             engine.generate("hello", max_new_tokens=4, mode=mode)
 

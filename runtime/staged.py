@@ -1,0 +1,141 @@
+"""Staged speculative decoding (Spector & Ré) and model-free `ngram` speculation.
+
+`staged`: stage 2 — the n-gram drafter (context lookup + trigram table) proposes a small tree
+that the draft model checks in ONE tree-masked pass, keeping the rows of the path it agrees
+with (a gather of KV rows, no re-run), so the draft advances several tokens per pass; stage 1 —
+the target verifies the draft's path in one pass.
+
+Why the target verifies the draft's best path and not a wider tree: on CPU the verify cost grows
+steeply with rows for int4 (feasibility.md), and, measured on our graphs, rows of a tree's side
+branches do not reproduce the target's chain logits bit for bit (0.5-0.6 logits apart with int4
+accuracy-level-4 kernels, see docs/speculative.md), so accepting from them would break the
+guarantee that greedy output equals `ar`. Path rows are bitwise equal to a plain pass.
+
+Both rules are exact: greedy accepts while the proposal equals the target's argmax; sampling
+uses the deterministic-proposal rule of runtime/accept.py, which needs no draft probabilities.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from edgespec.runtime.accept import verify_deterministic
+from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.ngram import ContextLookup, NgramDrafter
+from edgespec.runtime.speculative import distributions, require_draft
+from edgespec.runtime.stats import SpecStats
+from edgespec.runtime.tree import DraftTree
+
+
+def _drafter(state: DecodeState) -> NgramDrafter:
+    return NgramDrafter(ContextLookup(state.tokens), state.options.get("ngram_model"))
+
+
+def _verify(state: DecodeState, stats: SpecStats, proposal: list[int]) -> list[int]:
+    """Target pass over the pending token plus `proposal`; commits the accepted prefix and one more token."""
+    target, tokens = state.target, state.tokens
+    t0 = time.perf_counter()
+    start = target.length
+    logits = target.forward([tokens[-1]] + proposal)
+    p = distributions(state, logits, [tokens + proposal[:i] for i in range(len(proposal) + 1)])
+    n, nxt = verify_deterministic(proposal, p, state.rng, state.params.greedy)
+    target.rollback(start + 1 + n)
+    stats.add_time("verify", time.perf_counter() - t0)
+    stats.record_step(drafted=len(proposal), accepted=n, target_tokens=len(proposal) + 1)
+    return proposal[:n] + [nxt]
+
+
+def _start(state: DecodeState, stats: SpecStats) -> None:
+    t0 = time.perf_counter()
+    before = state.target.length
+    catch_up(state.target, state.tokens, keep_last=1)
+    state.prefilled = state.target.length - before + 1
+    stats.add_time("prefill", time.perf_counter() - t0)
+
+
+def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
+    """Model-free speculation: the n-gram drafter proposes straight to the target."""
+    stats = SpecStats.attach(state)
+    drafter = _drafter(state)
+    _start(state, stats)
+    fixed = state.options.get("k")
+    while True:
+        limit = state.target.capacity - 1
+        k = int(fixed) if fixed is not None else stats.choose_k(limit, draft_seconds=0.0, target_seconds=1.0)
+        t0 = time.perf_counter()
+        proposal = drafter.propose([], max(0, min(k, limit)))
+        stats.add_time("draft", time.perf_counter() - t0)
+        yield _verify(state, stats, proposal)
+
+
+class StagedDrafter:
+    """Stage 2: grow the draft model's greedy path, several tokens per draft pass."""
+
+    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
+        self.state, self.stats, self.drafter = state, stats, drafter
+        self.width = int(state.options.get("ngram_width", 2))
+        self.ngram_proposed = self.ngram_accepted = 0
+
+    def path(self, depth: int) -> list[int]:
+        """The draft's greedy continuation of `state.tokens`, `depth` tokens long (draft KV kept in step)."""
+        draft, tokens = self.state.draft, self.state.tokens
+        catch_up(draft, tokens, keep_last=1)
+        path: list[int] = []
+        pending = tokens[-1]
+        while len(path) < depth and draft.capacity > 1:
+            room = draft.capacity - 2 - self.width  # root and side branches must fit in the pass too
+            guess = self.drafter.propose(path, max(0, min(depth - len(path), room)))
+            tree = DraftTree.rooted(pending)
+            chain = tree.add_chain(0, guess)
+            for alt in self.drafter.alternatives(path, guess[0] if guess else None, self.width):
+                tree.add(0, alt)
+            start = draft.length
+            logits = draft.forward(tree.tokens, positions=tree.position_ids(start), mask=tree.attention_mask())
+            q = distributions(self.state, logits, [tokens + path] * len(tree.tokens))
+            kept, nxt = tree.walk(lambda node, q=q: int(np.argmax(q[node])))
+            draft.keep(start, kept)
+            matched = [tree.tokens[i] for i in kept[1:]]
+            self.ngram_proposed += len(guess)
+            self.ngram_accepted += sum(1 for i in kept[1:] if i in chain)
+            path += matched + [nxt]
+            pending = nxt
+        return path[:depth]
+
+
+def decode_staged(state: DecodeState) -> Iterator[list[int]]:
+    require_draft(state, "staged")
+    stats = SpecStats.attach(state)
+    stage2 = StagedDrafter(state, stats, _drafter(state))
+    _start(state, stats)
+    fixed = state.options.get("depth", state.options.get("k"))
+    draft_tokens = 0
+    draft_passes_before = state.draft.stats.passes
+    while True:
+        draft_s = stats.seconds.get("draft", 0.0) / draft_tokens if draft_tokens else None
+        target_s = _one_token_seconds(state)
+        limit = min(state.target.capacity - 1, state.draft.capacity - 1)
+        depth = int(fixed) if fixed is not None else stats.choose_k(limit, draft_s, target_s)
+        depth = max(0, min(depth, limit))
+        t0 = time.perf_counter()
+        path = stage2.path(depth) if depth else []
+        stats.add_time("draft", time.perf_counter() - t0)
+        draft_tokens += len(path)
+        emitted = _verify(state, stats, path)
+        state.draft.rollback(min(state.draft.length, state.target.length))
+        state.stats["staged"] = {"ngram_proposed": stage2.ngram_proposed,
+                                 "ngram_accepted_by_draft": stage2.ngram_accepted,
+                                 "stage2_acceptance": stage2.ngram_accepted / max(stage2.ngram_proposed, 1),
+                                 "draft_passes_per_path_token":
+                                     (state.draft.stats.passes - draft_passes_before) / max(draft_tokens, 1)}
+        yield emitted
+
+
+def _one_token_seconds(state: DecodeState) -> float | None:
+    curve = state.options.get("target_cost_curve")
+    if curve:
+        return curve[1]
+    t = state.target.stats
+    return t.seconds / t.passes if t.passes else None

@@ -1,0 +1,76 @@
+"""The n-gram stage: context lookup, the trigram table, its storage, and draft trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgespec.runtime.ngram import ContextLookup, NgramDrafter, NgramModel
+from edgespec.runtime.tree import DraftTree
+
+
+def test_context_lookup_finds_latest_earlier_match():
+    tokens = [1, 2, 3, 4, 5, 1, 2, 3]
+    lookup = ContextLookup(tokens)
+    assert lookup.propose(max_tokens=3) == [4, 5, 1]
+    tokens += [9, 9, 1, 2, 3]  # the engine appends to the same list; the index follows incrementally
+    assert lookup.propose(max_tokens=2) == [9, 9]
+    assert lookup.propose([9], max_tokens=2) == [9, 1]
+    assert ContextLookup([1, 2, 3]).propose(max_tokens=4) == []
+
+
+def test_context_lookup_rebuilds_after_a_shorter_history():
+    tokens = [1, 2, 1, 2]
+    lookup = ContextLookup(tokens)
+    assert lookup.propose(max_tokens=1) == [1]
+    del tokens[3:]  # [1, 2, 1]: positions past the end must be forgotten
+    assert lookup.propose(max_tokens=2) == [2, 1]
+    tokens += [2, 7]
+    assert lookup.propose(max_tokens=1) == []
+
+
+def test_katz_backoff_prefers_longer_context_and_sums_below_one():
+    corpus = [[1, 2, 3, 4], [5, 2, 3, 6], [1, 2, 3, 4], [7, 7, 7, 7, 7]]
+    model = NgramModel.build(corpus, vocab_size=10)
+    after_123 = dict(model.next_distribution([1, 2, 3][-2:], 5))
+    assert max(after_123, key=after_123.get) == 4  # trigram (2,3) -> 4 seen twice, 6 once
+    assert sum(after_123.values()) <= 1.0 + 1e-3
+    unseen = dict(model.next_distribution([9, 9], 3))
+    assert max(unseen, key=unseen.get) == 7  # backs off to the unigram table, where 7 is most frequent
+
+
+def test_ngram_table_round_trip_and_corruption(tmp_path):
+    model = NgramModel.build([[1, 2, 3, 1, 2, 4] * 3], vocab_size=8)
+    path = tmp_path / "ngram.npz"
+    model.save(path)
+    loaded = NgramModel.load(path)
+    assert loaded.next_distribution([1, 2], 3) == model.next_distribution([1, 2], 3)
+    assert b"pickle" not in path.read_bytes()[:200]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="n-gram"):
+        NgramModel.load(path)
+
+
+def test_drafter_chains_lookup_then_table():
+    tokens = [5, 6, 7, 8, 5, 6]
+    model = NgramModel.build([[7, 8, 9, 9, 9, 9]], vocab_size=12)
+    drafter = NgramDrafter(ContextLookup(tokens), model)
+    out = drafter.propose([], 4)
+    assert out[:2] == [7, 8] and len(out) == 4
+    assert drafter.alternatives([], exclude=7, n=2) and 7 not in drafter.alternatives([], exclude=7, n=2)
+
+
+def test_draft_tree_mask_positions_and_walk():
+    tree = DraftTree.rooted(10)
+    a = tree.add(0, 11)
+    tree.add(a, 12)
+    tree.add(0, 13)
+    np.testing.assert_array_equal(tree.depth(), [0, 1, 2, 1])
+    np.testing.assert_array_equal(tree.position_ids(7), [7, 8, 9, 8])
+    mask = tree.attention_mask()
+    assert mask[2].tolist() == [True, True, True, False] and mask[3].tolist() == [True, False, False, True]
+    choices = {0: 11, 1: 12, 2: 99}
+    assert tree.walk(choices.get) == ([0, 1, 2], 99)
+    assert tree.walk({0: 13, 3: 5}.get) == ([0, 3], 5)
+    with pytest.raises(ValueError):
+        tree.add(9, 1)
