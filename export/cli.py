@@ -24,7 +24,8 @@ from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
-                  parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None) -> Path:
+                  parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None,
+                  ngram_tokens: int = 0) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
@@ -33,6 +34,8 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
     """
     options = options or ExportOptions()
     options.validate()
+    if ngram_tokens < 0:
+        raise ExportError(f"--ngram-tokens must be >= 0, got {ngram_tokens}")
     from edgespec.export import sources
 
     out = Path(out)
@@ -67,6 +70,11 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         finalize(tmp, manifest)
         if parity:
             _report_parity(tmp, loaded, manifest, options)
+            finalize(tmp, manifest)
+        if ngram_tokens > 0:
+            from edgespec.export.ngram_table import build_ngram_table
+
+            manifest["ngram"] = build_ngram_table(tmp, ngram_tokens, log=options.log)
             finalize(tmp, manifest)
         publish(tmp, out)
     except BaseException:
@@ -121,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-quantize GGUF weights with RTN instead of carrying their blocks over exactly")
     p.add_argument("--qdq-activations", choices=("uint8", "uint16"), default="uint16")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against torch")
+    p.add_argument("--ngram-tokens", type=int, default=4000,
+                   help="tokens of generated text for the bundle's trigram table (0: no table)")
     return p
 
 
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                             gguf_exact=not args.no_gguf_exact, qdq_activations=args.qdq_activations)
     try:
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
-                      derive_layers=args.draft_layers if args.derive_draft else None)
+                      derive_layers=args.draft_layers if args.derive_draft else None, ngram_tokens=args.ngram_tokens)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

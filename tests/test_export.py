@@ -250,3 +250,14 @@ def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, dev
         assert graph["parity"]["top1_agreement"] > 0.25
     r = Engine.load(out).generate("hello", max_new_tokens=6)
     assert len(r.token_ids) == 6
+
+
+def test_ngram_table_is_built_into_the_bundle(tiny_dir, tmp_path):
+    out = export_bundle(str(tiny_dir), tmp_path / "ng", options=ExportOptions(quant="fp32", max_context=128, log=quiet),
+                        parity=False, ngram_tokens=600)
+    manifest = load_manifest(out, verify=True)
+    assert manifest.raw["ngram"]["tokens"] >= 600 and "ngram.npz" in manifest.files
+    engine = Engine.load(out)
+    assert engine.ngram_model is not None and engine.ngram_model.num_ngrams > 10
+    ar = engine.generate("hello", max_new_tokens=30)
+    assert engine.generate("hello", max_new_tokens=30, mode="ngram").token_ids == ar.token_ids
