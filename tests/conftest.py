@@ -52,13 +52,13 @@ def default_model():
     return load("default")
 
 
-def _default_bundle(default_model, tmp_path_factory, quant: str) -> Path:
+def _default_bundle(default_model, tmp_path_factory, quant: str, **kwargs) -> Path:
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle
 
     out = tmp_path_factory.mktemp("default") / f"smollm2-{quant}"
     return export_bundle("default", out, options=ExportOptions(quant=quant, max_context=1024, log=print),
-                         parity=True, preloaded={"default": default_model})
+                         parity=True, preloaded={"default": default_model}, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,8 @@ def default_fp32(default_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_int8(default_model, tmp_path_factory) -> Path:
-    return _default_bundle(default_model, tmp_path_factory, "int8")
+    """int8 target with a 4-layer draft derived from it and a trigram table: every mode can run."""
+    return _default_bundle(default_model, tmp_path_factory, "int8", derive_layers=4, ngram_tokens=1500)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmarks: prompt sets, bundles, machine facts, and docs/benchmarks.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from humaneval_prompts import humaneval_prompts  # noqa: E402
+
+# A non-code prompt set: chat / prose requests of the kind an on-device assistant gets.
+PROSE_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Give me five tips for sleeping better.",
+    "Describe the water cycle in a few paragraphs.",
+    "Write a polite email asking a colleague to review a document by Friday.",
+    "What are the pros and cons of working from home?",
+    "Summarize the plot of Romeo and Juliet.",
+    "Write a poem about autumn leaves.",
+    "How does a bicycle stay upright?",
+    "Plan a three-day trip to a city with museums and parks.",
+    "What is the difference between weather and climate?",
+    "Explain what a budget is and how to make one.",
+]
+
+
+def prompt_set(name: str, n: int) -> list[str]:
+    if name == "humaneval":
+        return humaneval_prompts(n)
+    if name == "prose":
+        return PROSE_PROMPTS[:n]
+    raise ValueError(f"unknown prompt set {name}")
+
+
+def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
+    """The default model's bundle for `quant` under `work`, exported once and reused."""
+    out = work / f"smollm2-{quant}{''.join(f'-{k}{v}' for k, v in sorted(kwargs.items()))}"
+    if (out / "manifest.json").is_file():
+        return out
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+    from edgespec.export.sources import load
+
+    if "default" not in loaded_cache:
+        loaded_cache["default"] = load("default")
+    return export_bundle("default", out, options=ExportOptions(quant=quant, max_context=2048), parity=False,
+                         preloaded=loaded_cache, **kwargs)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
+            f"load average at start {load:.2f}, {time.strftime('%Y-%m-%d')}")
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of docs/benchmarks.md between marker comments, atomically."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\nMeasured on our 2-core machines; " \
+        "ratios are measured side by side in one run because the machines are shared and noisy.\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = DOCS.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, DOCS)

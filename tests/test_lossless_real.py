@@ -1,0 +1,21 @@
+"""Greedy speculation on the real model (int8 bundle) gives token ids identical to `ar`."""
+
+from __future__ import annotations
+
+import pytest
+from humaneval_prompts import humaneval_prompts
+
+from edgespec.runtime.engine import Engine
+
+
+@pytest.mark.slow
+def test_humaneval_subset_spec_staged_ngram_identical_to_ar(default_int8):
+    engine = Engine.load(default_int8)
+    assert engine.draft is not None and engine.ngram_model is not None
+    prompts = humaneval_prompts()
+    assert len(prompts) == 164
+    for i, prompt in enumerate(prompts[:6]):
+        ar = engine.generate(prompt, max_new_tokens=128, chat=True)
+        for mode, options in (("spec", {}), ("spec", {"k": 4}), ("staged", {"depth": 6}), ("ngram", {})):
+            r = engine.generate(prompt, max_new_tokens=128, chat=True, mode=mode, **options)
+            assert r.token_ids == ar.token_ids, f"prompt {i}, {mode} {options}"
