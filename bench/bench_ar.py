@@ -1,0 +1,160 @@
+"""`ar` decoding speed of our fp32 / int8 / int4 bundles next to onnxruntime-genai's int4, in one run.
+
+For each HumanEval prompt (chat template) every system decodes in turn (interleaved), greedy,
+same prompt token ids, same thread count. Reported: decode tokens/s, time to first token, the
+memory bandwidth the decode implies (bytes of weights a pass reads × passes / seconds) and a
+measured memcpy bandwidth of this machine. Usage:
+
+    python bench/bench_ar.py --prompts 10 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ensure_bundle, git_rev, machine, prompt_set, write_section
+
+from edgespec.runtime.engine import Engine
+from edgespec.runtime.model import physical_cores
+
+
+def memcpy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Best-of copy bandwidth in GB/s (read + write counted once each, as a decode reads weights once)."""
+    src = np.ones(mb * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def weight_bytes_per_pass(bundle: Path) -> int:
+    """Bytes of weights one decode pass streams: graph data minus the embedding table (a Gather reads one row)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = manifest["models"]["target"]["spec"]
+    data = sum((bundle / g["data_file"]).stat().st_size for g in manifest["models"]["target"]["graphs"].values())
+    return data - spec["vocab_size"] * spec["hidden_size"] * 4
+
+
+def build_genai_model(work: Path, loaded_cache: dict) -> Path:
+    """onnxruntime-genai's int4 CPU model of the default model, built offline from an HF directory."""
+    out = work / "genai-int4"
+    if (out / "genai_config.json").is_file():
+        return out
+    from edgespec.export.sources import load
+
+    if "default" not in loaded_cache:
+        loaded_cache["default"] = load("default")
+    loaded = loaded_cache["default"]
+    hf_dir = work / "smollm2-hf"
+    if not (hf_dir / "config.json").is_file():
+        if getattr(loaded.model, "hf_quantizer", None) is not None:
+            loaded.model.hf_quantizer.remove_quantization_config(loaded.model)
+        loaded.model.save_pretrained(hf_dir)
+        loaded.tokenizer.save_pretrained(hf_dir)
+        config = json.loads((hf_dir / "config.json").read_text())  # older readers ignore rope_parameters
+        config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 100000.0))
+        (hf_dir / "config.json").write_text(json.dumps(config, indent=1))
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                    "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = physical_cores()
+    config_path.write_text(json.dumps(config, indent=1))
+    return out
+
+
+def genai_decode(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[int, float, float]:
+    """(new tokens, time to first token, decode seconds after it) with the og.Generator loop, greedy."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    t_first = time.perf_counter()
+    n = 1
+    while n < max_new_tokens and not gen.is_done() and int(gen.get_next_tokens()[0]) not in eos:
+        gen.generate_next_token()
+        n += 1
+    return n, t_first - t0, time.perf_counter() - t_first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--quants", nargs="+", default=["fp32", "int8", "int4"])
+    ap.add_argument("--work-dir", default="bench/.work")
+    ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    engines = {q: Engine.load(ensure_bundle(work, q, cache)) for q in args.quants}
+    genai = None
+    if not args.no_genai:
+        import onnxruntime_genai as og
+
+        genai = og.Model(str(build_genai_model(work, cache)))
+    cache.clear()
+    prompts = prompt_set("humaneval", args.prompts)
+    any_engine = next(iter(engines.values()))
+    eos = set(any_engine.tokenizer.eos_token_ids)
+    results: dict[str, dict[str, list[float]]] = {}
+    for engine in engines.values():
+        engine.generate(prompts[0], max_new_tokens=8, chat=True)  # warm-up
+    for prompt in prompts:
+        ids = any_engine.prompt_tokens(prompt, chat=True)
+        for quant, engine in engines.items():
+            r = engine.generate(prompt, max_new_tokens=args.max_new_tokens, chat=True)
+            acc = results.setdefault(f"edgespec {quant}", {"tps": [], "ttft": [], "passes_per_s": []})
+            acc["tps"].append(r.stats["decode_tokens_per_second"] or 0.0)
+            acc["ttft"].append(r.stats["time_to_first_token"])
+            acc["passes_per_s"].append(r.stats["decode_tokens_per_second"] or 0.0)
+        if genai is not None:
+            n, ttft, dec = genai_decode(genai, ids, args.max_new_tokens, eos)
+            acc = results.setdefault("onnxruntime-genai int4", {"tps": [], "ttft": []})
+            acc["tps"].append((n - 1) / dec if dec > 0 else 0.0)
+            acc["ttft"].append(ttft)
+    bandwidth = memcpy_bandwidth()
+    lines = ["| system | decode tok/s (median) | time to first token ms (median) | weights read per pass MB "
+             "| implied bandwidth GB/s |", "|---|---|---|---|---|"]
+    for name, acc in results.items():
+        tps, ttft = statistics.median(acc["tps"]), statistics.median(acc["ttft"]) * 1000
+        if name.startswith("edgespec"):
+            wb = weight_bytes_per_pass(engines[name.split()[1]].manifest.root)
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} |")
+        else:
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – |")
+    ours = statistics.median(results["edgespec int4"]["tps"]) if "edgespec int4" in results else None
+    peer = statistics.median(results["onnxruntime-genai int4"]["tps"]) if "onnxruntime-genai int4" in results else None
+    verdict = f"ours/genai int4 decode ratio: {ours / peer:.2f}" if ours and peer else ""
+    print("\n".join(lines))
+    print(f"memcpy bandwidth: {bandwidth:.1f} GB/s. {verdict}")
+    if args.write_docs:
+        body = ["## Autoregressive decoding (ar) and onnxruntime-genai", "",
+                f"Machine: {machine()}; {physical_cores()} threads used. Commit {git_rev()}."
+                f" Command: `python bench/bench_ar.py --prompts {args.prompts} --write-docs`. First {args.prompts} "
+                f"HumanEval prompts in the chat template, greedy, up to {args.max_new_tokens} new tokens, "
+                "systems interleaved per prompt. Our int4 is the GGUF-exact Q4_1 carry-over with an 8-bit LM head; "
+                "genai's is its builder's default int4. Our passes always carry at least two rows "
+                "(see docs/speculative.md), which `ar` pays for.",
+                "", *lines, "", f"Measured memcpy bandwidth of this machine: {bandwidth:.1f} GB/s. {verdict}."]
+        write_section("ar", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
