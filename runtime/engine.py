@@ -106,18 +106,14 @@ class Engine:
         tokens = self.prompt_tokens(prompt, chat)
         return session.run(tokens, max_new_tokens, mode, params, mode_options)
 
-    def stream(self, prompt: str | list[dict], **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
+               **kwargs) -> Iterator[str]:
         """Yield text pieces as they are decoded; each piece is complete UTF-8 text."""
         pieces: list[str] = []
-        kwargs["on_text"] = pieces.append
+        params = _sampling_params(kwargs)
         session = ChatSession(self)
-        params = SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
-                                top_p=kwargs.pop("top_p", 1.0),
-                                repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
-                                seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
-        tokens = self.prompt_tokens(prompt, kwargs.pop("chat", False))
-        gen = session.iterate(tokens, kwargs.pop("max_new_tokens", 256), kwargs.pop("mode", "ar"), params,
-                              kwargs)
+        gen = session.iterate(self.prompt_tokens(prompt, chat), max_new_tokens, mode, params,
+                              {**kwargs, "on_text": pieces.append})
         for _ in gen:
             yield from pieces
             pieces.clear()
@@ -157,10 +153,7 @@ class ChatSession:
         """Add a user turn, generate the assistant turn, and keep both in the history."""
         if not content.strip():
             raise PromptError("the message is empty")
-        params = SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
-                                top_p=kwargs.pop("top_p", 1.0),
-                                repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
-                                seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
+        params = _sampling_params(kwargs)
         messages = self.messages + [{"role": "user", "content": content}]
         tokens = self.engine.tokenizer.encode(self.engine.tokenizer.render_chat(messages))
         result = self.run(tokens, max_new_tokens, mode, params, kwargs)
@@ -276,6 +269,13 @@ class ChatSession:
         })
         self.last_result = GenerationResult(text=text, token_ids=new_ids, finish_reason=finish, stats=stats,
                                             message=message)
+
+
+def _sampling_params(kwargs: dict) -> SamplingParams:
+    """Take the sampling settings out of keyword arguments (the rest are mode options)."""
+    return SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
+                          top_p=kwargs.pop("top_p", 1.0), repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
+                          seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
 
 
 def _load_ngram(manifest: Manifest):
