@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgespec.runtime.bundle import Manifest, load_manifest
+from edgespec.runtime.bundle import BundleError, Manifest, load_manifest
 from edgespec.runtime.decoding import DecodeState, decode_ar
 from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
 from edgespec.runtime.sampling import SamplingParams
@@ -73,6 +73,9 @@ class Engine:
         """Open a bundle: verify its manifest and checksums, then create one session per model."""
         t0 = time.perf_counter()
         manifest = load_manifest(bundle, verify=verify)
+        if load_draft and manifest.draft is not None and manifest.draft.vocab_size != manifest.target.vocab_size:
+            raise BundleError(f"the bundle's draft has a {manifest.draft.vocab_size}-token vocabulary but its target "
+                              f"{manifest.target.vocab_size}: speculation needs one shared tokenizer")
         config = SessionConfig(threads=threads, optimization=optimization, cache_optimized=cache_optimized)
         from edgespec.runtime.placement import runners_for  # devices are optional at import time
 

@@ -159,3 +159,18 @@ def test_calibrate_ead_writes_tau_and_plot(tiny_pair_bundle, tmp_path):
     assert plot.stat().st_size > 1000
     r = Engine.load(bundle).generate("hello", max_new_tokens=8, mode="ead")
     assert r.stats["ead"]["tau"] == ead["tau"]
+
+
+def test_draft_with_another_vocabulary_is_refused_at_load(tiny_pair_bundle, tmp_path):
+    import json
+    import shutil
+
+    from edgespec.runtime.bundle import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_pair_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["models"]["draft"]["spec"]["vocab_size"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="vocabulary"):
+        Engine.load(bundle)
