@@ -44,7 +44,7 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
     catch_up(target, tokens, keep_last=1)
     k_fixed = state.options.get("k")
     k = int(k_fixed) if k_fixed is not None else stats.choose_k(target.capacity - 1, *_pass_seconds(state))
-    k = max(0, min(k, target.capacity - 1, draft.capacity - 1))
+    k = max(0, min(k, target.capacity - 1, target.max_chunk - 1, draft.capacity - 1))
     t_draft = time.perf_counter()
     catch_up(draft, tokens, keep_last=1)
     proposal, q_rows = [], []

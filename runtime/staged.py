@@ -63,7 +63,7 @@ def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
     _start(state, stats)
     fixed = state.options.get("k")
     while True:
-        limit = state.target.capacity - 1
+        limit = min(state.target.capacity, state.target.max_chunk) - 1
         k = int(fixed) if fixed is not None else stats.choose_k(limit, draft_seconds=0.0, target_seconds=1.0)
         t0 = time.perf_counter()
         proposal = drafter.propose([], max(0, min(k, limit)))
@@ -86,7 +86,7 @@ class StagedDrafter:
         path: list[int] = []
         pending = tokens[-1]
         while len(path) < depth and draft.capacity > 1:
-            room = draft.capacity - 2 - self.width  # root and side branches must fit in the pass too
+            room = min(draft.capacity, draft.max_chunk) - 2 - self.width  # root and side branches fit the pass too
             guess = self.drafter.propose(path, max(0, min(depth - len(path), room)))
             tree = DraftTree.rooted(pending)
             chain = tree.add_chain(0, guess)
@@ -116,7 +116,7 @@ def decode_staged(state: DecodeState) -> Iterator[list[int]]:
     while True:
         draft_s = stats.seconds.get("draft", 0.0) / draft_tokens if draft_tokens else None
         target_s = _one_token_seconds(state)
-        limit = min(state.target.capacity - 1, state.draft.capacity - 1)
+        limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
         depth = int(fixed) if fixed is not None else stats.choose_k(limit, draft_s, target_s)
         depth = max(0, min(depth, limit))
         t0 = time.perf_counter()

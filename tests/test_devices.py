@@ -384,3 +384,25 @@ def test_openvino_leaves_attention_to_the_cpu_and_strict_refuses_that(tiny_graph
                                atol=1e-4)
     with pytest.raises(DevicePlacementError, match="cannot take the whole graph"):
         open_session(paths[FUSED], "draft", Candidate(ENTRIES["openvino-cpu"], FUSED, full_offload=True))
+
+
+@needs_openvino
+def test_staged_is_lossless_with_the_draft_on_openvino(tiny_dir, tmp_path):
+    """Cross-provider placement through the Engine: draft graphs on OpenVINO, target on the default CPU provider."""
+    from conftest import quiet
+
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+    from edgespec.runtime.engine import Engine
+
+    options = ExportOptions(quant="fp32", device="npu", static_chunk=8, max_context=128, log=quiet)
+    bundle = export_bundle(str(tiny_dir), tmp_path / "npu", derive_layers=1, parity=False, options=options)
+    engine = Engine.load(bundle, device={"target": "default-cpu", "draft": "openvino-cpu"}, strict=True)
+    assert engine.draft.load_info["provider"] == "openvino-cpu"
+    assert engine.target.load_info["provider"] == "default-cpu"
+    for prompt in ("hello", "def f(x):", "ab ab ab ab ab"):
+        ar = engine.generate(prompt, max_new_tokens=30)
+        for options in ({}, {"depth": 4}):
+            r = engine.generate(prompt, max_new_tokens=30, mode="staged", **options)
+            assert r.token_ids == ar.token_ids
+            assert r.stats["draft_passes"] > 0 or not options
