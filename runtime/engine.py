@@ -63,7 +63,7 @@ class Engine:
         self.draft = draft
         self.load_seconds = load_seconds
         self.ngram_model = _load_ngram(manifest)
-        self.target_cost_curve: dict[int, float] | None = None
+        self.cost_curves: dict[str, dict[int, float]] = {}
         self.threads = 0  # set by load(); part of the cost-curve cache key
 
     @classmethod
@@ -122,18 +122,21 @@ class Engine:
             pieces.clear()
         yield from pieces
 
-    def cost_curve(self) -> dict[int, float]:
-        """Seconds of a target pass per chunk length on this machine, measured once and kept in the bundle cache.
+    def cost_curve(self, role: str = "target") -> dict[int, float]:
+        """Seconds of a pass per chunk length on this machine, measured once and kept in the bundle cache.
 
-        Measuring overwrites the target's KV, so it is done before a generation starts.
+        Adaptive draft sizes are computed from these cached curves and from acceptance counts only,
+        never from live timings, so a seeded sampled generation repeats exactly. Measuring overwrites
+        the model's KV, so it is done before a generation starts.
         """
         from edgespec.runtime.bundle import CACHE_DIR
         from edgespec.runtime.costs import cached_cost_curve
 
-        digest = self.manifest.files.get(self.manifest.target.graphs[next(iter(self.manifest.target.graphs))].file,
-                                         "")[:12]
-        key = f"target-{digest}-{self.target.load_info.get('provider', 'cpu')}-t{self.threads}"
-        return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, key)
+        runner = self.target if role == "target" else self.draft
+        info = self.manifest.models[role]
+        digest = self.manifest.files.get(next(iter(info.graphs.values())).file, "")[:12]
+        key = f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}"
+        return cached_cost_curve(runner, self.manifest.root / CACHE_DIR, key)
 
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""
@@ -186,8 +189,9 @@ class ChatSession:
             raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
                               f"{engine.max_context} (prompt plus at least one new token)")
         on_text = options.pop("on_text", None)
-        if mode in SPECULATIVE_MODES and engine.target_cost_curve is None:
-            engine.target_cost_curve = engine.cost_curve()
+        if mode in SPECULATIVE_MODES and not engine.cost_curves:
+            engine.cost_curves = {role: engine.cost_curve(role) for role in ("target", "draft")
+                                  if role == "target" or engine.draft is not None}
         reused = _common_prefix(self.tokens, tokens)
         for runner in (engine.target, engine.draft):
             if runner is not None and runner.length > reused:
@@ -197,8 +201,8 @@ class ChatSession:
         if bundle_tau is not None:
             options.setdefault("bundle_tau", bundle_tau)
         options.setdefault("ngram_model", engine.ngram_model)
-        if engine.target_cost_curve:
-            options.setdefault("target_cost_curve", engine.target_cost_curve)
+        for role, curve in engine.cost_curves.items():
+            options.setdefault(f"{role}_cost_curve", curve)
         state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
                             rng=np.random.default_rng(params.seed), options=options)
         eos = set(engine.tokenizer.eos_token_ids)

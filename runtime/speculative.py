@@ -65,6 +65,8 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
         while n < k and proposal[n] == int(np.argmax(p[n])):
             n += 1
         nxt = int(np.argmax(p[n]))
+    elif k == 0:
+        n, nxt = 0, sample(p[0], state.rng)
     else:
         from edgespec.runtime.accept import verify_chain_sampling
 
@@ -77,12 +79,9 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
 
 
 def _pass_seconds(state: DecodeState) -> tuple[float | None, float | None]:
-    """Mean seconds of a draft pass and of a one-token target pass, once both have been measured."""
-    d, t = state.draft.stats, state.target.stats
-    draft_s = d.seconds / d.passes if d.passes else None
-    curve = state.options.get("target_cost_curve")
-    target_s = curve[1] if curve else (t.seconds / t.passes if t.passes else None)
-    return draft_s, target_s
+    """One-token pass seconds of the draft and the target, from the cached cost curves (deterministic)."""
+    draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
+    return (draft[1] if draft else None), (target[1] if target else None)
 
 
 def decode_spec(state: DecodeState) -> Iterator[list[int]]:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from edgespec.runtime.accept import verify_deterministic
+from edgespec.runtime.costs import interpolate
 from edgespec.runtime.decoding import DecodeState, catch_up
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.speculative import distributions, require_draft
@@ -114,8 +115,7 @@ def decode_staged(state: DecodeState) -> Iterator[list[int]]:
     draft_tokens = 0
     draft_passes_before = state.draft.stats.passes
     while True:
-        draft_s = stats.seconds.get("draft", 0.0) / draft_tokens if draft_tokens else None
-        target_s = _one_token_seconds(state)
+        draft_s, target_s = _path_token_seconds(state, draft_tokens, draft_passes_before)
         limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
         depth = int(fixed) if fixed is not None else stats.choose_k(limit, draft_s, target_s)
         depth = max(0, min(depth, limit))
@@ -133,9 +133,10 @@ def decode_staged(state: DecodeState) -> Iterator[list[int]]:
         yield emitted
 
 
-def _one_token_seconds(state: DecodeState) -> float | None:
-    curve = state.options.get("target_cost_curve")
-    if curve:
-        return curve[1]
-    t = state.target.stats
-    return t.seconds / t.passes if t.passes else None
+def _path_token_seconds(state: DecodeState, path_tokens: int, passes_before: int) -> tuple[float | None, float | None]:
+    """Draft seconds per path token and target seconds per pass, from cached curves and pass counts only."""
+    draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
+    if not draft or not target:
+        return None, None
+    passes_per_token = (state.draft.stats.passes - passes_before) / path_tokens if path_tokens else 1.0
+    return passes_per_token * interpolate(draft, 4), target[1]

@@ -61,6 +61,16 @@ def test_ngram_mode_speeds_up_repetition(pair):
         assert r.stats["speculative"]["tokens_per_target_pass"] > 1.5
 
 
+@pytest.mark.parametrize("mode, options", [("spec", {}), ("spec", {"k": 0}), ("spec", {"k": 3}), ("staged", {}),
+                                           ("staged", {"depth": 0}), ("ngram", {}), ("ngram", {"k": 0}),
+                                           ("ead-spec", {"tau": 0.0})])
+def test_sampling_runs_at_every_draft_size(pair, mode, options):
+    """Sampling (temperature > 0) through every mode, including a draft size of zero, reproducible by seed."""
+    a = pair.generate("def f(x):", max_new_tokens=30, temperature=0.9, top_p=0.95, seed=11, mode=mode, **options)
+    b = pair.generate("def f(x):", max_new_tokens=30, temperature=0.9, top_p=0.95, seed=11, mode=mode, **options)
+    assert len(a.token_ids) > 0 and a.token_ids == b.token_ids
+
+
 def test_spec_stats_are_consistent(pair):
     r = pair.generate("def f(x):", max_new_tokens=40, mode="spec", k=3)
     s = r.stats["speculative"]
