@@ -46,7 +46,8 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
     k = int(k_fixed) if k_fixed is not None else stats.choose_k(target.capacity - 1, *_pass_seconds(state))
     k = max(0, min(k, target.capacity - 1, target.max_chunk - 1, draft.capacity - 1))
     t_draft = time.perf_counter()
-    catch_up(draft, tokens, keep_last=1)
+    if k:  # with nothing to draft the draft stays behind and catches up in one pass later
+        catch_up(draft, tokens, keep_last=1)
     proposal, q_rows = [], []
     feed = tokens[-1]
     for _ in range(k):

@@ -37,6 +37,8 @@ class SpecStats:
     target_curve: dict[int, float] | None = None
     draft_cost: float | None = None  # seconds of one draft pass
     k_max: int = 12
+    probe_every: int = 16
+    idle: int = 0
 
     @staticmethod
     def attach(state) -> SpecStats:
@@ -68,7 +70,19 @@ class SpecStats:
         self.publish()
 
     def choose_k(self, limit: int, draft_seconds: float | None = None, target_seconds: float | None = None) -> int:
-        """Draft length maximising expected speedup given measured acceptance and costs."""
+        """Draft length maximising expected speedup given measured acceptance and costs.
+
+        When drafting does not pay, every `probe_every`-th step still drafts one token, so that the
+        acceptance estimate can recover when the text becomes predictable again.
+        """
+        k = self._best_k(limit, draft_seconds, target_seconds)
+        self.idle = 0 if k else self.idle + 1
+        if k == 0 and self.idle >= self.probe_every and limit >= 1:
+            self.idle = 0
+            return 1
+        return k
+
+    def _best_k(self, limit: int, draft_seconds: float | None, target_seconds: float | None) -> int:
         c = self.draft_cost_ratio(draft_seconds, target_seconds)
         best_k, best = 0, 1.0 / self.verify_cost(1)
         for k in range(1, min(self.k_max, limit) + 1):
