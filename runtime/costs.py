@@ -26,7 +26,8 @@ def measure_cost_curve(runner: ModelRunner, sizes: tuple[int, ...] = SIZES, pref
     Overwrites the runner's KV: it is left empty (length 0), so callers measure before decoding
     and the next pass re-feeds the context.
     """
-    sizes = tuple(k for k in sizes if k <= runner.max_chunk and prefix + k <= runner.max_context)
+    prefix = min(prefix, runner.max_context // 2)
+    sizes = tuple(k for k in sizes if k <= runner.max_chunk and prefix + k + 1 <= runner.max_context)
     rng = np.random.default_rng(0)
     runner.rollback(0)
     runner.prefill(rng.integers(0, runner.vocab_size, prefix))
