@@ -184,3 +184,18 @@ def test_draft_with_another_vocabulary_is_refused_at_load(tiny_pair_bundle, tmp_
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="vocabulary"):
         Engine.load(bundle)
+
+
+def test_adaptive_size_follows_acceptance_and_cost():
+    from edgespec.runtime.stats import SpecStats, expected_tokens
+
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+    flat = {1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 1.5}
+    good = SpecStats(out={}, accepted=90, rejections=10, target_curve=flat)
+    bad = SpecStats(out={}, accepted=0, rejections=50, target_curve=flat)
+    assert good.choose_k(12, draft_seconds=0.1, target_seconds=1.0) >= 4
+    assert bad.choose_k(12, draft_seconds=0.3, target_seconds=1.0) == 0
+    steep = SpecStats(out={}, accepted=90, rejections=10, target_curve={1: 1.0, 2: 1.4, 4: 2.0, 8: 3.4, 16: 5.5})
+    assert steep.choose_k(12, 0.1, 1.0) < good.choose_k(12, 0.1, 1.0)
+    picks = [bad.choose_k(12, 0.3, 1.0) for _ in range(40)]
+    assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 idle steps
