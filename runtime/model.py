@@ -147,7 +147,7 @@ class ModelRunner:
     """
 
     def __init__(self, info: ModelInfo, max_context: int, sessions: list[tuple[GraphInfo, ort.InferenceSession]],
-                 max_chunk: int = 256, load_info: dict | None = None, min_rows: int = 2):
+                 max_chunk: int = 128, load_info: dict | None = None, min_rows: int = 2):
         self.info = info
         self.role = info.role
         self.max_context = max_context
@@ -163,10 +163,11 @@ class ModelRunner:
         static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
         self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
-        # onnxruntime's GroupQueryAttention takes a different code path for a one-token pass, and with
-        # int8-rounded activations (MatMulNBits accuracy level 4) its tiny differences grow to whole
-        # logits. Passes of 2..16 rows agree bit for bit, so every pass of a fused graph gets at least
-        # `min_rows` rows (a padding row whose K/V slot is never kept). That makes a row's logits
+        # onnxruntime's kernels take a different code path for a one-token pass, and with int8-rounded
+        # activations (MatMulNBits accuracy level 4) its tiny differences grow to whole logits. Passes
+        # of 2..128 rows agree bit for bit (measured: a 129-row pass computes its last row apart, like a
+        # one-row pass), so every pass of a fused graph gets at least `min_rows` rows (a padding row
+        # whose K/V slot is never kept) and at most `max_chunk` = 128. That makes a row's logits
         # independent of how many tokens share its pass, which lossless speculation needs.
         self.min_rows = min_rows if any(s.info.variant == "fused" for s in self._slots) else 1
         self.length = 0
@@ -174,7 +175,7 @@ class ModelRunner:
 
     @classmethod
     def open(cls, manifest: Manifest, role: str, config: SessionConfig | None = None, graph: str = "fused",
-             max_chunk: int = 256) -> ModelRunner:
+             max_chunk: int = 128) -> ModelRunner:
         """A runner on the default CPU provider for one named graph (export parity, tests, benchmarks)."""
         info = manifest.models[role]
         if graph not in info.graphs:

@@ -225,12 +225,12 @@ def test_default_quantized_parity(default_int8, default_int4):
 @pytest.mark.slow
 def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4):
     """Lossless speculation needs a row's logits to be the same whatever else shares its pass."""
-    seq = list(np.random.default_rng(1).integers(100, 40000, 30))
+    seq = list(np.random.default_rng(1).integers(100, 40000, 160))
     for bundle in (default_int8, default_int4):
         manifest = load_manifest(bundle)
         runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
         results = []
-        for step in (1, 3, 8, 16):
+        for step in (1, 3, 16, 127, 128):  # 128 is the runner's largest pass; 129 rows would not be invariant
             runner.rollback(0)
             results.append(np.concatenate([runner.forward(seq[i:i + step]).copy() for i in range(0, len(seq), step)]))
         for other in results[1:]:
