@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from common import ensure_bundle, git_rev, machine, prompt_set, write_section
+from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 
@@ -22,14 +21,8 @@ MODES = ("spec", "staged", "ngram")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant", default="int8")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int, default=164)
-    ap.add_argument("--work-dir", default="bench/.work")
-    ap.add_argument("--draft-layers", type=int, default=4)
-    ap.add_argument("--write-docs", action="store_true")
-    args = ap.parse_args()
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_with_common(ap)
     bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers, ngram_tokens=4000)
     engine = Engine.load(bundle)
     prompts = prompt_set("humaneval", args.limit)

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ensure_bundle, git_rev, machine, prompt_set, write_section
+from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 
@@ -44,13 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quants", nargs="+", default=["int4", "int8", "fp32"])
     ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--work-dir", default="bench/.work")
-    ap.add_argument("--draft-layers", type=int, default=4)
-    ap.add_argument("--write-docs", action="store_true")
-    args = ap.parse_args()
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_with_common(ap)
     cache: dict = {}
     rows, hists = [], {}
     for quant in args.quants:

@@ -57,6 +57,18 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
                          preloaded=loaded_cache, **kwargs)
 
 
+def parse_with_common(ap) -> tuple[object, Path]:
+    """Add the options every benchmark shares, parse, and return (args, the created work directory)."""
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--work-dir", default="bench/.work")
+    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
