@@ -74,14 +74,30 @@ class EadController:
         self.publish()
 
     def publish(self) -> None:
-        total = max(sum(self.counts.values()), 1)
-        large_share = self.counts["large"] / total
+        total = sum(self.counts.values())
+        large_share = self.counts["large"] / total if total else 0.0
         self.out["ead"] = {
             "tau": self.tau, "tokens_small": self.counts["small"], "tokens_large": self.counts["large"],
+            "small_share": self.counts["small"] / total if total else 0.0,
             "large_share": large_share, "switches": len(self.switches), "switch_log": list(self.switches),
             "catch_up_tokens": self.catch_up_tokens, "catch_up_passes": self.catch_up_passes,
             "cost_estimate": large_share + (1 - large_share) * self.params_ratio,
         }
+
+
+def add_ar_ratio(stats: dict, decode_seconds: float | None, tokens: int, target_curve: dict[int, float] | None) -> None:
+    """Wall-clock ratio of this run's decode phase to the large model's `ar` for as many tokens.
+
+    `ar` is not re-run here: its time is `tokens` × the large model's one-token pass, measured on
+    this machine (the bundle's cached cost curve), so the ratio leaves out `ar`'s per-token Python
+    overhead and is an estimate (below 1: faster than `ar`). bench/bench_ead.py measures the
+    ratio side by side.
+    """
+    if "ead" not in stats or not target_curve or not decode_seconds or tokens < 1:
+        return
+    ar_seconds = tokens * target_curve[min(target_curve)]
+    stats["ead"]["ar_decode_seconds_estimate"] = ar_seconds
+    stats["ead"]["wall_clock_ratio_to_ar"] = decode_seconds / ar_seconds
 
 
 def _controller(state: DecodeState) -> EadController:

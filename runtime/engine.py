@@ -28,6 +28,7 @@ def _register_builtin_modes() -> None:
 
 
 SPECULATIVE_MODES = ("spec", "staged", "ngram", "ead-spec")
+COSTED_MODES = SPECULATIVE_MODES + ("ead",)  # modes that read the measured pass costs (`ead`: its ratio to `ar`)
 
 
 class PromptError(ValueError):
@@ -189,7 +190,7 @@ class ChatSession:
             raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
                               f"{engine.max_context} (prompt plus at least one new token)")
         on_text = options.pop("on_text", None)
-        if mode in SPECULATIVE_MODES and not engine.cost_curves:
+        if mode in COSTED_MODES and not engine.cost_curves:
             engine.cost_curves = {role: engine.cost_curve(role) for role in ("target", "draft")
                                   if role == "target" or engine.draft is not None}
         reused = _common_prefix(self.tokens, tokens)
@@ -274,6 +275,10 @@ class ChatSession:
             "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
             "peak_rss_bytes": _peak_rss(),
         })
+        if "ead" in stats:
+            from edgespec.runtime.ead import add_ar_ratio
+
+            add_ar_ratio(stats, decode_time if n > 1 else None, n - 1, engine.cost_curves.get("target"))
         self.last_result = GenerationResult(text=text, token_ids=new_ids, finish_reason=finish, stats=stats,
                                             message=message)
 

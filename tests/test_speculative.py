@@ -117,6 +117,38 @@ def test_ead_switches_respect_min_span_and_catch_up_once(pair):
     assert seen > 0, "no setting produced two or more switches; the test did not exercise switching"
 
 
+def test_ead_catch_up_is_one_pass_per_switch_by_pass_counts(pair):
+    """Counted from the runners themselves: each model runs one pass per token it produces, plus one
+    pass per switch away from it (the step whose entropy triggered the switch); a catch-up fed token
+    by token would add passes. Also checks that every statistic of the issue is reported."""
+    seen = 0
+    for tau in (2.0, 3.0, 4.0):
+        for prompt in PROMPTS:
+            r = pair.generate(prompt, max_new_tokens=60, mode="ead", tau=tau, min_span=4)
+            ead = r.stats["ead"]
+            to_small = sum(s["to"] == "small" for s in ead["switch_log"])
+            to_large = len(ead["switch_log"]) - to_small
+            assert r.stats["target_passes"] == ead["tokens_large"] + to_small, ead
+            assert r.stats["draft_passes"] == ead["tokens_small"] + to_large, ead
+            assert ead["tokens_small"] + ead["tokens_large"] == len(r.token_ids)
+            assert abs(ead["small_share"] + ead["large_share"] - 1.0) < 1e-12
+            ratio = pair.draft.info.spec["param_count"] / pair.target.info.spec["param_count"]
+            assert abs(ead["cost_estimate"] - (ead["large_share"] + ead["small_share"] * ratio)) < 1e-12
+            assert ead["wall_clock_ratio_to_ar"] > 0 and ead["catch_up_tokens"] >= 2 * ead["catch_up_passes"]
+            seen += ead["catch_up_passes"] > 1
+    assert seen > 0, "no setting produced two or more catch-ups; the test did not exercise switching"
+
+
+def test_ead_spec_large_stretches_are_speculative(pair):
+    """In `ead-spec` the large model's stretches run draft-then-verify steps, not one pass per token."""
+    for prompt in PROMPTS:
+        r = pair.generate(prompt, max_new_tokens=40, mode="ead-spec", tau=0.0, k=3)
+        spec = r.stats["speculative"]
+        assert spec["steps"] > 0 and spec["drafted"] == 3 * spec["steps"]
+        assert r.stats["target_passes"] == spec["steps"] + r.stats["ead"]["catch_up_passes"]
+        assert r.stats["ead"]["large_share"] == 1.0
+
+
 def test_ead_spec_tau_zero_is_lossless(pair):
     """With tau=0 every stretch is a large-model stretch, run as exact speculation."""
     for prompt in PROMPTS:
