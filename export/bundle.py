@@ -119,15 +119,17 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
     (root / role).mkdir(parents=True, exist_ok=True)
     for name, (variant, chunk) in graph_plan(options).items():
         t0 = time.perf_counter()
+        # a fused target pads attention to two rows itself (pass-size invariance, see runtime/model.py)
+        rows = 2 if role == "target" and variant == "fused" else 1
         model = build_decoder(loaded.spec, loaded.weights, rope, options.max_context, variant, chunk,
-                              tie_lm_head=tie)
+                              tie_lm_head=tie, attention_rows=rows)
         model, qinfo = _quantize(model, loaded, variant, options, calibration)
         rel = f"{role}/{name}.onnx"
         onnx.save_model(model, str(root / rel), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{name}.onnx.data", size_threshold=1024)
         inputs, outputs = _io(model)
         entry["graphs"][name] = {"file": rel, "data_file": f"{role}/{name}.onnx.data", "variant": variant,
-                                 "chunk": chunk, "inputs": inputs, "outputs": outputs}
+                                 "chunk": chunk, "attention_rows": rows, "inputs": inputs, "outputs": outputs}
         entry["quantization"] = qinfo
         size = (root / rel).stat().st_size + (root / f"{role}/{name}.onnx.data").stat().st_size
         options.log(f"{role}/{name}: {size / 1e6:.1f} MB ({qinfo.get('method')}"

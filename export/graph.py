@@ -57,22 +57,25 @@ def kv_input_names(num_layers: int) -> list[str]:
 
 def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTable,
                   max_context: int, variant: str = "fused", chunk: int | None = None,
-                  tie_lm_head: bool = False) -> onnx.ModelProto:
+                  tie_lm_head: bool = False, attention_rows: int = 1) -> onnx.ModelProto:
     """Return the fp32 decoder graph.
 
     `chunk` fixes the number of new tokens per pass (required for ``static``; ``None`` keeps
     it dynamic). `tie_lm_head` reads the LM head from the embedding table through a Gemm with
     transB, so an unquantized bundle stores the 49k x H matrix once; quantized bundles keep a
-    separate MatMul the weight-only quantizer can convert.
+    separate MatMul the weight-only quantizer can convert. `attention_rows` (fused only) pads
+    the chunk to at least that many rows inside attention alone (see `_attention_padding`).
     """
     if variant not in ("fused", "static"):
         raise ValueError(f"unknown graph variant {variant!r}")
     if variant == "static" and chunk is None:
         raise ValueError("the static variant needs a fixed chunk length")
+    if attention_rows not in (1, 2) or (attention_rows > 1 and variant != "fused"):
+        raise ValueError("attention_rows is 1, or 2 for the fused variant")
     g = _Graph()
     S = chunk if chunk is not None else "chunk"
     H, D = spec.hidden_size, spec.head_dim
-    nq, nkv = spec.num_heads, spec.num_kv_heads
+    nkv = spec.num_kv_heads
     kv_shape = [1, nkv, max_context, D]
 
     inputs = [
@@ -89,13 +92,14 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], name="embed_tokens")
 
     if variant == "fused":
-        bias = _fused_attention_bias(g)
+        g.op("Shape", ["input_ids"], outputs=["chunk_len"], start=1, end=2)
+        mask, positions, rows, qkv_pads = _attention_padding(g, attention_rows)
+        bias = _fused_attention_bias(g, mask)
         g.const("rope.cos", rope.cos)
         g.const("rope.sin", rope.sin)
 
         g.op("Cast", ["past_length"], outputs=["past_length_i32"], to=TensorProto.INT32)
-        g.op("Shape", ["input_ids"], outputs=["chunk_len"], start=1, end=2)
-        total = g.op("Add", ["past_length", "chunk_len"], name="total_len")
+        total = g.op("Add", ["past_length", rows], name="total_len")
         g.op("Cast", [total], outputs=["total_i32_1d"], to=TensorProto.INT32)
         g.op("Sub", ["total_i32_1d", g.const("one_i32", np.array([1], np.int32))],
              outputs=["seqlens_k"])
@@ -123,11 +127,10 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
         if spec.attention_bias:
             qkv_b = np.concatenate([weights[p + "q_bias"], weights[p + "k_bias"], weights[p + "v_bias"]])
             qkv = g.op("Add", [qkv, g.const(p + "qkv_proj.bias", qkv_b.astype(np.float32))])
-        q, k, v = g.op("Split", [qkv, g.const(p + "qkv_split", np.array([nq * D, nkv * D, nkv * D], np.int64))],
-                       n_out=3, name=p + "qkv_split_node", axis=-1)
         if variant == "fused":
-            attn = _fused_attention(g, spec, i, q, k, v, bias)
+            attn = _fused_attention(g, spec, i, qkv, bias, positions, qkv_pads)
         else:
+            q, k, v = _split_qkv(g, spec, qkv, p)
             attn = _static_attention(g, spec, i, q, k, v, bias, cos, sin, chunk)
         o = _linear(g, attn, weights[p + "o_proj"], p + "o_proj")
         norm_w = g.const(p + "post_attention_norm.weight", weights[p + "post_attention_norm"].astype(np.float32))
@@ -187,23 +190,57 @@ def _rms_norm(g: _Graph, variant: str, x: str, residual: str | None, weight: str
     return g.op("Mul", [g.op("Mul", [total, inv]), weight], name=name), total
 
 
-def _fused_attention_bias(g: _Graph) -> str:
+def _split_qkv(g: _Graph, spec: ModelSpec, qkv: str, p: str) -> list[str]:
+    sizes = np.array([spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2, np.int64)
+    return g.op("Split", [qkv, g.const(p + "qkv_split", sizes)], n_out=3, name=p + "qkv_split_node", axis=-1)
+
+
+def _attention_padding(g: _Graph, rows: int) -> tuple[str, str, str, str | None]:
+    """(chunk mask, positions, row count, qkv pads) as attention sees them: at least `rows` rows.
+
+    GroupQueryAttention computes a one-row chunk on another code path whose last-bit differences
+    int8-rounded activations (MatMulNBits accuracy level 4) grow into whole logits; every other
+    operator gives a row the same bits whatever the pass size. So a target graph pads only
+    attention's input to two rows: the padding row sees the real rows, no real row sees it, its
+    K/V land in the slot after the chunk (which the runtime reserves and never keeps) and its
+    output is sliced away, while the matmuls still run on the real rows only.
+    """
+    if rows == 1:
+        return "attention_mask", "position_ids", "chunk_len", None
+    zero = g.const("pad_zero", np.array([0], np.int64))
+    missing = g.op("Max", [g.op("Sub", [g.const("attention_rows", np.array([rows], np.int64)), "chunk_len"]), zero],
+                   name="pad_rows")
+    mask = g.op("Pad", ["attention_mask", g.op("Concat", [zero, zero, missing, zero], axis=0),
+                        g.const("pad_true", np.array(True))], name="pad_mask_rows")
+    mask = g.op("Pad", [mask, g.op("Concat", [zero, zero, zero, missing], axis=0),
+                        g.const("pad_false", np.array(False))], name="pad_mask_cols")
+    positions = g.op("Pad", ["position_ids", g.op("Concat", [zero, zero, zero, missing], axis=0)],
+                     name="pad_positions")
+    qkv_pads = g.op("Concat", [zero, zero, zero, zero, missing, zero], axis=0, name="qkv_pads")
+    return mask, positions, g.op("Add", ["chunk_len", missing], name="attention_len"), qkv_pads
+
+
+def _fused_attention_bias(g: _Graph, mask: str) -> str:
     """[1,1,S,past+S] additive bias: 0 to every past slot, the chunk mask inside the chunk."""
     neg = g.const("mask_neg", np.array(np.finfo(np.float32).min, np.float32))
     zero = g.const("mask_zero", np.array(0.0, np.float32))
-    chunk_bias = g.op("Where", ["attention_mask", zero, neg], name="chunk_bias")
-    shape = g.op("Shape", ["attention_mask"], start=0, end=1)
+    chunk_bias = g.op("Where", [mask, zero, neg], name="chunk_bias")
+    shape = g.op("Shape", [mask], start=0, end=1)
     past_shape = g.op("Concat", [shape, "past_length"], axis=0)
     past_bias = g.op("ConstantOfShape", [past_shape], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
     full = g.op("Concat", [past_bias, chunk_bias], axis=1)
     return g.op("Unsqueeze", [full, g.const("bias_axes", np.array([0, 1], np.int64))], name="attention_bias")
 
 
-def _fused_attention(g: _Graph, spec: ModelSpec, i: int, q: str, k: str, v: str, bias: str) -> str:
+def _fused_attention(g: _Graph, spec: ModelSpec, i: int, qkv: str, bias: str, positions: str,
+                     qkv_pads: str | None) -> str:
     p = f"layers.{i}."
-    q = g.op("RotaryEmbedding", [q, "position_ids", "rope.cos", "rope.sin"], name=p + "q_rotary",
+    if qkv_pads is not None:
+        qkv = g.op("Pad", [qkv, qkv_pads], name=p + "attention_pad")
+    q, k, v = _split_qkv(g, spec, qkv, p)
+    q = g.op("RotaryEmbedding", [q, positions, "rope.cos", "rope.sin"], name=p + "q_rotary",
              domain=MS_DOMAIN, num_heads=spec.num_heads)
-    k = g.op("RotaryEmbedding", [k, "position_ids", "rope.cos", "rope.sin"], name=p + "k_rotary",
+    k = g.op("RotaryEmbedding", [k, positions, "rope.cos", "rope.sin"], name=p + "k_rotary",
              domain=MS_DOMAIN, num_heads=spec.num_kv_heads)
     out = g.op("GroupQueryAttention",
                [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_len_scalar",
@@ -211,7 +248,10 @@ def _fused_attention(g: _Graph, spec: ModelSpec, i: int, q: str, k: str, v: str,
                name=p + "attn", domain=MS_DOMAIN,
                outputs=[p + "attn/out", f"present_key.{i}", f"present_value.{i}"],
                num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads)
-    return out[0]
+    if qkv_pads is None:
+        return out[0]
+    return g.op("Slice", [out[0], g.const("slice_start", np.array([0], np.int64)), "chunk_len",
+                          g.const("slice_axis", np.array([1], np.int64))], name=p + "attention_rows")
 
 
 def _static_attention_bias(g: _Graph, max_context: int, chunk: int) -> str:

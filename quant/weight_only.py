@@ -4,8 +4,8 @@ Speculative verification needs a k-token pass to give exactly the logits of smal
 accuracy_level 4 the kernel quantizes each activation row by itself, so its result for a row does not
 depend on the other rows (per-tensor dynamic int8 breaks this: one scale for the whole pass). Whole
 graphs are bit-identical across passes of two or more rows; one-row passes take another path in
-GroupQueryAttention (fp32 differences of ~1e-7 that int8 activation rounding amplifies), so the runtime
-must not mix one-row passes with multi-row ones.
+GroupQueryAttention (fp32 differences of ~1e-7 that int8 activation rounding amplifies), so target graphs
+pad attention (only) to two rows (export/graph.py).
 """
 
 from __future__ import annotations

@@ -39,11 +39,12 @@ class GraphInfo:
     inputs: list[dict]
     outputs: list[dict]
     data_file: str | None = None
+    attention_rows: int = 1  # the graph pads attention to at least this many rows itself (bundles before it: 1)
 
     @staticmethod
     def from_json(d: dict) -> GraphInfo:
         return GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],
-                         outputs=d["outputs"], data_file=d.get("data_file"))
+                         outputs=d["outputs"], data_file=d.get("data_file"), attention_rows=d.get("attention_rows", 1))
 
 
 @dataclass

@@ -163,12 +163,14 @@ class ModelRunner:
         static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
         self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
-        # onnxruntime's kernels take a different code path for a one-token pass, and with int8-rounded
+        # GroupQueryAttention takes a different code path for a one-token pass, and with int8-rounded
         # activations (MatMulNBits accuracy level 4) its tiny differences grow to whole logits. Passes
         # of 2..128 rows agree bit for bit (measured: a 129-row pass computes its last row apart, like a
-        # one-row pass), so every pass of a fused graph gets at least `min_rows` rows (a padding row
-        # whose K/V slot is never kept) and at most `max_chunk` = 128. That makes a row's logits
-        # independent of how many tokens share its pass, which lossless speculation needs.
+        # one-row pass), so attention in a fused graph sees at least `min_rows` rows (a padding row
+        # whose K/V slot is reserved but never kept) and a pass at most `max_chunk` = 128. That makes a
+        # row's logits independent of how many tokens share its pass, which lossless speculation needs.
+        # Graphs exported with `attention_rows` pad attention themselves, so the other operators run on
+        # the real rows only; older graphs get the padding row as an input row.
         self.min_rows = min_rows if any(s.info.variant == "fused" for s in self._slots) else 1
         self.length = 0
         self.stats = PassStats()
@@ -233,7 +235,7 @@ class ModelRunner:
         if mask is None:
             mask = np.tri(n, dtype=bool)
         slot = next(s for s in self._slots if s.info.chunk is None or s.info.chunk >= n)
-        width = slot.info.chunk or max(n, self.min_rows)
+        width = slot.info.chunk or (n if slot.info.attention_rows >= self.min_rows else max(n, self.min_rows))
         if width != n:  # pad to the static chunk or to min_rows; padded rows see only themselves
             tokens = np.concatenate([tokens, np.zeros(width - n, np.int64)])
             positions = np.concatenate([positions, np.full(width - n, positions[-1], np.int64)])
