@@ -38,7 +38,10 @@ class SpecStats:
     draft_cost: float | None = None  # seconds of one draft pass
     k_max: int = 12
     probe_every: int = 16
+    probe_every_max: int = 128
     idle: int = 0
+    probe_gap: int = 0  # current gap between probes: probe_every, doubled after each probe that fails
+    probing: bool = False
 
     @staticmethod
     def attach(state) -> SpecStats:
@@ -65,6 +68,9 @@ class SpecStats:
         self.accepted += accepted
         self.rejections += int(accepted < drafted)
         self.target_tokens += target_tokens
+        if self.probing:  # a failed probe waits twice as long for the next one; a success resets the gap
+            self.probing = False
+            self.probe_gap = self.probe_every if accepted else min(2 * self.gap, self.probe_every_max)
         emitted = accepted + 1
         self.histogram[emitted] = self.histogram.get(emitted, 0) + 1
         self.publish()
@@ -72,15 +78,22 @@ class SpecStats:
     def choose_k(self, limit: int, draft_seconds: float | None = None, target_seconds: float | None = None) -> int:
         """Draft length maximising expected speedup given measured acceptance and costs.
 
-        When drafting does not pay, every `probe_every`-th step still drafts one token, so that the
-        acceptance estimate can recover when the text becomes predictable again.
+        When drafting does not pay, a step still drafts one token after `probe_every` idle steps, so
+        that the acceptance estimate can recover when the text becomes predictable again. Each probe
+        that is rejected doubles the wait (up to `probe_every_max`): with a draft that never agrees,
+        probes cost a draft catch-up pass and a draft pass each, with nothing in return.
         """
         k = self._best_k(limit, draft_seconds, target_seconds)
         self.idle = 0 if k else self.idle + 1
-        if k == 0 and self.idle >= self.probe_every and limit >= 1:
+        if k == 0 and self.idle >= self.gap and limit >= 1:
             self.idle = 0
+            self.probing = True
             return 1
         return k
+
+    @property
+    def gap(self) -> int:
+        return self.probe_gap or self.probe_every
 
     def _best_k(self, limit: int, draft_seconds: float | None, target_seconds: float | None) -> int:
         c = self.draft_cost_ratio(draft_seconds, target_seconds)

@@ -231,3 +231,11 @@ def test_adaptive_size_follows_acceptance_and_cost():
     assert steep.choose_k(12, 0.1, 1.0) < good.choose_k(12, 0.1, 1.0)
     picks = [bad.choose_k(12, 0.3, 1.0) for _ in range(40)]
     assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 idle steps
+    gaps = []
+    for accepted in (0, 0, 0, 0, 1):  # failed probes double the wait up to 128; an accepted one resets it
+        waited = 1
+        while bad.choose_k(12, 0.3, 1.0) == 0:
+            waited += 1
+        gaps.append(waited)
+        bad.record_step(drafted=1, accepted=accepted, target_tokens=2)
+    assert gaps[1:] == [32, 64, 128, 128] and bad.gap == 16
