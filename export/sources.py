@@ -97,7 +97,7 @@ def load(source: str) -> LoadedModel:
     except Exception as exc:
         raise ExportError(f"cannot load {source}: {_first_line(exc)}") from exc
     model.eval()
-    spec, weights = _reduce(model, config)
+    spec, weights = reduce_model(model, config)
     return LoadedModel(name=Path(source).stem if kind != "hub" else source, source=source,
                        gguf_path=path if kind == "gguf" else None, model=model, tokenizer=tokenizer,
                        spec=spec, weights=weights)
@@ -124,7 +124,7 @@ def _check_gguf(path: Path) -> None:
         raise ExportError(f"unsupported architecture {arch!r} in {path}; edge-export supports llama, mistral, qwen2")
 
 
-def _reduce(model, config) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+def reduce_model(model, config) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     n_layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

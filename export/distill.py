@@ -1,0 +1,380 @@
+"""Distil a derived draft against its target's own next-token distributions, on the CPU, in a time budget.
+
+A few of the target's layers keep its embeddings and head but lose what the other layers computed,
+so out of the box such a draft rarely predicts the target's next token. Training only the kept
+layers (and the final norm) to match the target's distributions, on text the target itself writes,
+teaches them to stand in for the missing ones; the target's text is exactly what the draft will be
+asked to predict at run time.
+
+Steps, each cached under the user's cache directory and resumable after a kill:
+1. corpus: the target answers a mixed prompt set (one greedy and several sampled answers per
+   prompt); the top-k of its log-probabilities at every generated position is kept (the corpus is
+   saved after every generation batch);
+2. training: soft cross-entropy of the draft against those top-k distributions (KL up to the
+   target's entropy), bf16 autocast, AdamW; the trainable weights and optimizer moments are
+   checkpointed every `checkpoint_seconds`;
+3. the distilled weights are stored under a key of the target's weights, the layer choice and the
+   settings, so a second export with the same settings loads them in a second.
+Everything is saved with safetensors / npz (no pickle) and written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.export.distill_prompts import distill_prompts
+from edgespec.export.errors import ExportError
+
+
+@dataclass
+class DistillConfig:
+    """Budget and settings; `minutes` covers corpus generation and training together."""
+
+    minutes: float = 10.0
+    corpus_share: float = 0.35  # at most this share of the budget goes to generating the corpus
+    corpus_tokens: int = 40_000  # stop generating earlier once this many answer tokens exist
+    new_tokens: int = 128
+    samples_per_prompt: int = 4  # sampled answers per prompt, on top of one greedy answer
+    temperature: float = 0.8
+    top_k: int = 32
+    gen_batch: int = 16
+    train_batch: int = 8
+    lr: float = 4e-4
+    seed: int = 0
+    checkpoint_seconds: float = 60.0
+    max_steps: int | None = None  # also stop after this many steps (reproducible runs for tests and experiments)
+    prompts: list[str] = field(default_factory=distill_prompts)
+    cache_dir: Path | None = None
+
+    def key_fields(self) -> dict:
+        """Settings that change the result (the cache key); the cache location does not."""
+        fields = asdict(self)
+        fields.pop("cache_dir")
+        fields.pop("checkpoint_seconds")
+        return fields
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("EDGESPEC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgespec")
+    return Path(base) / "drafts"
+
+
+def cache_key(target_model, layers: list[int], config: DistillConfig) -> str:
+    """Hash of the target's weights, the kept layers and the settings."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(target_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps({"layers": layers, **config.key_fields()}, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    """Target-written sequences plus the target's top-k log-probabilities at each answer position.
+
+    Sequence i is `tokens[offsets[i]:offsets[i+1]]`; its answer starts at `starts[i]` (an index into
+    the sequence) and row `answer_offsets[i] + j` of `topk_*` is the target's distribution for answer token j.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    starts: np.ndarray
+    answer_offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logp: np.ndarray
+    seconds: float
+    prompts_done: int  # generation jobs done (for resuming)
+
+    @property
+    def answer_tokens(self) -> int:
+        return int(self.answer_offsets[-1])
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @staticmethod
+    def empty(top_k: int) -> Corpus:
+        return Corpus(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
+                      np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float16), 0.0, 0)
+
+    def extend(self, seqs: list[np.ndarray], starts: list[int], ids: list[np.ndarray], logp: list[np.ndarray]) -> None:
+        self.tokens = np.concatenate([self.tokens, *seqs])
+        self.offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum([len(s) for s in seqs])])
+        self.starts = np.concatenate([self.starts, np.asarray(starts, np.int64)])
+        self.answer_offsets = np.concatenate([self.answer_offsets,
+                                              self.answer_offsets[-1] + np.cumsum([len(x) for x in ids])])
+        self.topk_ids = np.concatenate([self.topk_ids, *ids])
+        self.topk_logp = np.concatenate([self.topk_logp, *logp])
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, tokens=self.tokens, offsets=self.offsets, starts=self.starts,
+                 answer_offsets=self.answer_offsets, topk_ids=self.topk_ids, topk_logp=self.topk_logp,
+                 seconds=np.array(self.seconds), prompts_done=np.array(self.prompts_done))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> Corpus:
+        with np.load(path, allow_pickle=False) as z:
+            return Corpus(z["tokens"], z["offsets"], z["starts"], z["answer_offsets"], z["topk_ids"],
+                          z["topk_logp"], float(z["seconds"]), int(z["prompts_done"]))
+
+
+def _generation_jobs(prompts: list[str], samples: int) -> list[tuple[str, bool]]:
+    """(prompt, greedy?) pairs: every prompt once greedily first, then the sampled rounds."""
+    return [(p, True) for p in prompts] + [(p, False) for _ in range(samples) for p in prompts]
+
+
+def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, deadline: float,
+                 log: Callable[[str], None]) -> Corpus:
+    """Generate (or resume generating) the corpus until its token budget or `deadline` (a perf_counter time)."""
+    import torch
+
+    corpus = Corpus.load(path) if path.is_file() else Corpus.empty(config.top_k)
+    jobs = _generation_jobs(config.prompts, config.samples_per_prompt)
+    eos = set(_eos_ids(target_model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    start_jobs = corpus.prompts_done
+    while (corpus.prompts_done < len(jobs) and corpus.answer_tokens < config.corpus_tokens
+           and time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        batch = jobs[corpus.prompts_done:corpus.prompts_done + config.gen_batch]
+        greedy = batch[0][1]
+        batch = [job for job in batch if job[1] == greedy]  # one decoding rule per generate() call
+        prompt_ids = [_encode(tokenizer, p) for p, _ in batch]
+        width = max(len(x) for x in prompt_ids)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, x in enumerate(prompt_ids):  # left padding: every answer starts at column `width`
+            ids[row, width - len(x):] = torch.tensor(x)
+            mask[row, width - len(x):] = 1
+        torch.manual_seed(config.seed + corpus.prompts_done)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature,
+                                                         "top_k": 0, "top_p": 1.0}
+        with torch.no_grad():
+            out = target_model.generate(ids, attention_mask=mask, max_new_tokens=config.new_tokens,
+                                        output_logits=True, return_dict_in_generate=True,
+                                        pad_token_id=pad, **sampling)
+        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V], raw logits
+        top_logp, top_ids = logp.topk(config.top_k, dim=-1)
+        seqs, starts, kid, klp = [], [], [], []
+        for row, x in enumerate(prompt_ids):
+            answer = out.sequences[row, width:].tolist()
+            n = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
+            seqs.append(np.asarray(x + answer[:n], np.int64))
+            starts.append(len(x))
+            kid.append(top_ids[row, :n].numpy().astype(np.int32))
+            klp.append(top_logp[row, :n].numpy().astype(np.float16))
+        corpus.extend(seqs, starts, kid, klp)
+        corpus.prompts_done += len(batch)
+        corpus.seconds += time.perf_counter() - t0
+        corpus.save(path)
+        log(f"distill corpus: {corpus.answer_tokens} answer tokens from {corpus.prompts_done} answers "
+            f"({corpus.seconds:.0f}s)")
+    if corpus.prompts_done == start_jobs and corpus.answer_tokens:
+        log(f"distill corpus: reusing {corpus.answer_tokens} cached answer tokens")
+    return corpus
+
+
+def _encode(tokenizer, prompt: str) -> list[int]:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [gen] if isinstance(gen, int) else list(gen or [])
+    return sorted(set(ids))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def trainable_parameters(student) -> dict:
+    """The kept layers and the final norm; embeddings and LM head stay the target's (frozen, shared)."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = {n: p for n, p in student.named_parameters() if n.startswith(("model.layers.", "model.norm."))}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def _batch(corpus: Corpus, rows: np.ndarray):
+    """Right-padded token batch plus, per answer position, (row, column predicting it, corpus answer row)."""
+    import torch
+
+    seqs = [corpus.sequence(i) for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    b_idx, col, ans = [], [], []
+    for r, (i, s) in enumerate(zip(rows, seqs, strict=True)):
+        ids[r, :len(s)] = torch.from_numpy(s)
+        n = len(s) - corpus.starts[i]
+        b_idx.append(np.full(n, r))
+        col.append(corpus.starts[i] - 1 + np.arange(n))  # logits at column c predict token c+1
+        ans.append(corpus.answer_offsets[i] + np.arange(n))
+    return ids, torch.from_numpy(np.concatenate(b_idx)), torch.from_numpy(np.concatenate(col)), np.concatenate(ans)
+
+
+def distill_loss(student, corpus: Corpus, rows: np.ndarray):
+    """Soft cross-entropy against the target's top-k distribution; also returns top-1 agreement."""
+    import torch
+
+    ids, b_idx, col, ans = _batch(corpus, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        logits = student.lm_head(hidden[b_idx, col])  # the head only where the target's distribution is known
+    logq = logits.float().log_softmax(-1)
+    top_ids = torch.from_numpy(corpus.topk_ids[ans].astype(np.int64))
+    p = torch.from_numpy(corpus.topk_logp[ans].astype(np.float32)).exp()
+    loss = -(p * logq.gather(1, top_ids)).sum(-1).mean()
+    agree = (logq.argmax(-1) == top_ids[:, 0]).float().mean().item()
+    return loss, agree
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def train(student, corpus: Corpus, config: DistillConfig, seconds: float, checkpoint: Path,
+          log: Callable[[str], None]) -> dict:
+    """Train until `seconds` of training time are spent in total (a checkpoint's time counts)."""
+    import torch
+    from tqdm import tqdm
+
+    params = trainable_parameters(student)
+    opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
+    state = {"step": 0, "seconds": 0.0, "agreement": None}
+    if checkpoint.is_file():
+        tensors, meta = _load_tensors(checkpoint)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors["param/" + name])
+        opt.load_state_dict(_optimizer_state(opt, params, tensors, meta["optimizer_step"]))
+        state = meta["state"]
+        log(f"distill: resuming at step {state['step']} ({state['seconds']:.0f}s trained)")
+    rng = np.random.default_rng(config.seed + state["step"])
+    n_seqs = len(corpus.starts)
+    student.train()
+    last_save = time.perf_counter()
+    bar = tqdm(total=round(seconds), initial=min(round(state["seconds"]), round(seconds)), unit="s",
+               desc="distilling draft", leave=False, disable=None)
+    try:
+        while state["seconds"] < seconds and state["step"] < (config.max_steps or 1 << 62):
+            t0 = time.perf_counter()
+            rows = rng.choice(n_seqs, size=min(config.train_batch, n_seqs), replace=False)
+            loss, agree = distill_loss(student, corpus, rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            dt = time.perf_counter() - t0
+            state["step"] += 1
+            state["seconds"] += dt
+            a = state["agreement"]
+            state["agreement"] = agree if a is None else 0.95 * a + 0.05 * agree
+            bar.update(min(round(state["seconds"]), round(seconds)) - bar.n)
+            bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{state['agreement']:.1%}")
+            if time.perf_counter() - last_save > config.checkpoint_seconds:
+                _save_checkpoint(checkpoint, params, opt, state)
+                last_save = time.perf_counter()
+    finally:
+        bar.close()
+        student.eval()
+    _save_checkpoint(checkpoint, params, opt, state)
+    log(f"distill: {state['step']} steps in {state['seconds']:.0f}s, running top-1 agreement "
+        f"{(state['agreement'] or 0):.1%} on the corpus")
+    return state
+
+
+def _save_checkpoint(path: Path, params: dict, opt, state: dict) -> None:
+    tensors = {"param/" + n: p for n, p in params.items()}
+    step = 0
+    for name, p in params.items():
+        s = opt.state.get(p)
+        if s:
+            tensors["exp_avg/" + name] = s["exp_avg"]
+            tensors["exp_avg_sq/" + name] = s["exp_avg_sq"]
+            step = int(s["step"])
+    _save_tensors(path, tensors, {"state": state, "optimizer_step": step})
+
+
+def _optimizer_state(opt, params: dict, tensors: dict, step: int) -> dict:
+    """AdamW state_dict rebuilt from the checkpoint's moment tensors (parameter order as in `params`)."""
+    import torch
+
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for i, name in enumerate(params):
+        if "exp_avg/" + name in tensors:
+            sd["state"][i] = {"step": torch.tensor(float(step)), "exp_avg": tensors["exp_avg/" + name],
+                              "exp_avg_sq": tensors["exp_avg_sq/" + name]}
+    return sd
+
+
+def distill(target_model, tokenizer, student, layers: list[int], config: DistillConfig,
+            log: Callable[[str], None] = print) -> dict:
+    """Distil `student` in place (or load the cached result); returns what was done and measured."""
+    import torch
+
+    cache = config.cache_dir or default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = cache_key(target_model, layers, config)
+    final = cache / f"{key}.draft.safetensors"
+    params = trainable_parameters(student)
+    if final.is_file():
+        tensors, meta = _load_tensors(final)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+        log(f"distill: loaded cached distilled draft {final}")
+        return {**meta["info"], "cache": "hit"}
+    torch.manual_seed(config.seed)
+    budget = config.minutes * 60.0
+    t_start = time.perf_counter()
+    corpus_path = cache / f"{key}.corpus.npz"
+    prior = Corpus.load(corpus_path).seconds if corpus_path.is_file() else 0.0
+    corpus = build_corpus(target_model, tokenizer, config, corpus_path,
+                          t_start + max(0.0, budget * config.corpus_share - prior), log)
+    if corpus.answer_tokens == 0:
+        raise ExportError("the distillation budget ended before any corpus text was generated; raise --distill-minutes")
+    train_seconds = max(0.0, budget - corpus.seconds)
+    state = train(student, corpus, config, train_seconds, cache / f"{key}.ckpt.safetensors", log)
+    info = {"minutes_budget": config.minutes, "corpus_answer_tokens": corpus.answer_tokens,
+            "corpus_seconds": round(corpus.seconds, 1), "train_steps": state["step"],
+            "train_seconds": round(state["seconds"], 1), "corpus_top1_agreement": state["agreement"],
+            "wall_seconds_this_run": round(time.perf_counter() - t_start, 1)}
+    _save_tensors(final, params, {"info": info})
+    return {**info, "cache": "written"}

@@ -1,0 +1,98 @@
+"""Deriving and distilling a draft: the whole path on a tiny model, resuming after a kill, caching."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import quiet
+
+# Step-capped so the result does not depend on how loaded the machine is; minutes is only a safety net.
+TINY_DISTILL = {"minutes": 1.5, "corpus_tokens": 6000, "new_tokens": 48, "gen_batch": 32, "train_batch": 16,
+                "lr": 3e-3, "checkpoint_seconds": 2.0, "max_steps": 400}
+
+
+def _config(cache: Path, **overrides):
+    from edgespec.export.distill import DistillConfig
+
+    return DistillConfig(cache_dir=cache, **{**TINY_DISTILL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    from tiny import make_tiny_model_dir
+
+    from edgespec.export.sources import load
+
+    return load(str(make_tiny_model_dir(tmp_path_factory.mktemp("distill") / "model", layers=3)))
+
+
+def test_distillation_raises_agreement_and_leaves_the_target_alone(tiny_target, tmp_path):
+    import torch
+
+    from edgespec.export.derive import derive_draft
+
+    before = {k: v.clone() for k, v in tiny_target.model.state_dict().items()}
+    draft, info = derive_draft(tiny_target, 1, _config(tmp_path), log=quiet)
+    # measured on the calibration prompts, which are not in the distillation corpus (11% -> 23% seen)
+    assert info["agreement_after_distillation"] >= info["agreement_before_distillation"] + 0.05, info
+    assert info["distillation"]["train_steps"] > 0 and info["distillation"]["corpus_answer_tokens"] > 0
+    after = tiny_target.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "distillation must not change the target"
+    layer = f"layers.0.{'q_proj'}"
+    source = tiny_target.weights[f"layers.{info['layers'][0]}.q_proj"]
+    assert not (draft.weights[layer] == source).all(), "the exported draft must carry the distilled weights"
+    assert (draft.weights["embed_tokens"] == tiny_target.weights["embed_tokens"]).all()
+
+    again, info2 = derive_draft(tiny_target, 1, _config(tmp_path), log=quiet)
+    assert info2["distillation"]["cache"] == "hit", "the second derivation loads the cached weights, no training"
+    assert info2["distillation"]["train_steps"] == info["distillation"]["train_steps"]
+    assert (again.weights[layer] == draft.weights[layer]).all()
+
+
+DISTILL_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from edgespec.export.derive import derive_draft
+from edgespec.export.distill import DistillConfig
+from edgespec.export.sources import load
+target = load({model!r})
+cfg = DistillConfig(cache_dir=Path({cache!r}), **{cfg!r})
+draft, info = derive_draft(target, 1, cfg)
+print("RESULT", info["distillation"]["train_steps"], info["distillation"]["train_seconds"], flush=True)
+"""
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
+    cfg = {**TINY_DISTILL, "max_steps": 600, "checkpoint_seconds": 1.0}
+    script = DISTILL_SCRIPT.format(tests=str(Path(__file__).parent), model=tiny_target.source, cache=str(tmp_path),
+                                   cfg=cfg)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*.ckpt.safetensors")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = list(tmp_path.glob("*.ckpt.safetensors"))
+    assert checkpoints and not list(tmp_path.glob("*.draft.safetensors")), "killed before the end, after a checkpoint"
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoints[0]), framework="pt") as f:
+        saved = json.loads(f.metadata()["state"])
+    assert saved["step"] > 0
+
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resuming at step {saved['step']}" in out.stdout + out.stderr
+    steps = int(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
+    assert steps > saved["step"]
+    assert list(tmp_path.glob("*.draft.safetensors"))
