@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--cal-prompts", type=int, default=6, help="calibration prompts per set")
     ap.add_argument("--quant", default="int8")
     args, work = parse_with_common(ap)
-    bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers)
+    bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers,
+                           distill_minutes=args.distill_minutes)
     engine = Engine.load(bundle)
     cal_prompts, overlap = calibration_prompts(args.prompts, args.cal_prompts)
     plot_path = work / "ead-calibration.png"

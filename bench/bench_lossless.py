@@ -23,7 +23,8 @@ def main() -> int:
     ap.add_argument("--quant", default="int8")
     ap.add_argument("--limit", type=int, default=164)
     args, work = parse_with_common(ap)
-    bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers, ngram_tokens=4000)
+    bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers, ngram_tokens=4000,
+                           distill_minutes=args.distill_minutes)
     engine = Engine.load(bundle)
     prompts = prompt_set("humaneval", args.limit)
     t0 = time.perf_counter()

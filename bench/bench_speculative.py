@@ -48,7 +48,8 @@ def main() -> None:
     cache: dict = {}
     rows, hists = [], {}
     for quant in args.quants:
-        bundle = ensure_bundle(work, quant, cache, derive_layers=args.draft_layers, ngram_tokens=4000)
+        bundle = ensure_bundle(work, quant, cache, derive_layers=args.draft_layers, ngram_tokens=4000,
+                           distill_minutes=args.distill_minutes)
         engine = Engine.load(bundle)
         for set_name in ("humaneval", "prose"):
             prompts = prompt_set(set_name, args.prompts)

@@ -44,17 +44,22 @@ def prompt_set(name: str, n: int) -> list[str]:
 
 def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     """The default model's bundle for `quant` under `work`, exported once and reused."""
+    distill_minutes = kwargs.pop("distill_minutes", 0)
     out = work / f"smollm2-{quant}{''.join(f'-{k}{v}' for k, v in sorted(kwargs.items()))}"
+    if kwargs.get("derive_layers") and distill_minutes:
+        out = out.with_name(out.name + f"-distill{distill_minutes:g}")
     if (out / "manifest.json").is_file():
         return out
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle
+    from edgespec.export.distill import DistillConfig
     from edgespec.export.sources import load
 
     if "default" not in loaded_cache:
         loaded_cache["default"] = load("default")
+    distill = DistillConfig(minutes=distill_minutes) if kwargs.get("derive_layers") and distill_minutes else None
     return export_bundle("default", out, options=ExportOptions(quant=quant, max_context=2048), parity=False,
-                         preloaded=loaded_cache, **kwargs)
+                         preloaded=loaded_cache, distill=distill, **kwargs)
 
 
 def parse_with_common(ap) -> tuple[object, Path]:
@@ -62,6 +67,8 @@ def parse_with_common(ap) -> tuple[object, Path]:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--work-dir", default="bench/.work")
     ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--distill-minutes", type=float, default=12.0,
+                    help="distillation budget of the derived draft (cached across bundles and runs; 0: none)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     work = Path(args.work_dir)

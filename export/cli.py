@@ -20,7 +20,7 @@ from edgespec.export.bundle import (
     write_model_graphs,
     write_tokenizer,
 )
-from edgespec.export.distill import DistillConfig
+from edgespec.export.distill import DEFAULT_MINUTES, DistillConfig
 from edgespec.export.errors import ExportError
 
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="derive the draft from the target's own layers (the default for --target default)")
     p.add_argument("--no-draft", action="store_true", help="target only (for --target default: no derived draft)")
     p.add_argument("--draft-layers", type=int, default=4, help="layers kept by --derive-draft")
-    p.add_argument("--distill-minutes", type=float, default=10.0,
+    p.add_argument("--distill-minutes", type=float, default=DEFAULT_MINUTES,
                    help="CPU minutes to distil a derived draft against the target (0: no distillation); "
                         "the result is cached, so a second export is quick")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")

@@ -33,12 +33,14 @@ import numpy as np
 from edgespec.export.distill_prompts import distill_prompts
 from edgespec.export.errors import ExportError
 
+DEFAULT_MINUTES = 12.0
+
 
 @dataclass
 class DistillConfig:
     """Budget and settings; `minutes` covers corpus generation and training together."""
 
-    minutes: float = 10.0
+    minutes: float = DEFAULT_MINUTES
     corpus_share: float = 0.35  # at most this share of the budget goes to generating the corpus
     corpus_tokens: int = 40_000  # stop generating earlier once this many answer tokens exist
     new_tokens: int = 128

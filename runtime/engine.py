@@ -202,6 +202,9 @@ class ChatSession:
         if bundle_tau is not None:
             options.setdefault("bundle_tau", bundle_tau)
         options.setdefault("ngram_model", engine.ngram_model)
+        measured = engine.manifest.raw["models"].get("draft", {}).get("measured", {})
+        if mode in ("spec", "staged", "ead-spec") and "agreement" in measured:
+            options.setdefault("prior_alpha", measured["agreement"])  # export-time agreement seeds the adaptive size
         for role, curve in engine.cost_curves.items():
             options.setdefault(f"{role}_cost_curve", curve)
         state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,

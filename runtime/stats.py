@@ -45,7 +45,7 @@ class SpecStats:
 
     @staticmethod
     def attach(state) -> SpecStats:
-        stats = SpecStats(out=state.stats)
+        stats = SpecStats(out=state.stats, prior_alpha=float(state.options.get("prior_alpha", 0.6)))
         state.stats["speculative"] = {}
         state.spec_stats = stats
         curve = state.options.get("target_cost_curve")
