@@ -192,13 +192,13 @@ def main() -> None:
     print("ead-spec slower than ead:", slower or "nowhere")
     if args.write_docs:
         shutil.copyfile(plot_path, ROOT / "docs" / "ead-calibration.png")
-        write_section("ead", "\n".join(docs_body(args, engine, chosen, overlap, lines, slower, rows)))
+        write_section("ead", "\n".join(docs_body(args, engine, chosen, sweep_rows, overlap, lines, slower, rows)))
 
 
-def docs_body(args, engine: Engine, chosen: dict, overlap: list[str], lines: list[str], slower: list[str],
-              rows: list[dict]) -> list[str]:
+def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overlap: list[str], lines: list[str],
+              slower: list[str], rows: list[dict]) -> list[str]:
     at_cal = [r for r in rows if r["calibrated"] and r["mode"] != "ar"]
-    swept = ", ".join(f"{r['tau']:g}" for r in engine.manifest.raw["runtime"]["ead"]["sweep"])
+    swept = ", ".join(f"{r['tau']:g}" for r in sweep_rows)
     goal = "; ".join(f"{r['set']} {r['mode']}: large share {r['large_share']:.0%}, NLL {r['nll_ratio']:.3f}× ar's"
                      for r in at_cal)
     met = all(r["large_share"] <= 0.5 and r["nll_ratio"] <= 1.05 for r in at_cal)
@@ -207,7 +207,7 @@ def docs_body(args, engine: Engine, chosen: dict, overlap: list[str], lines: lis
         "",
         f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_ead.py --prompts {args.prompts} "
         f"--taus {' '.join(f'{t:g}' for t in args.taus)} --quality {args.quality} --cal-prompts {args.cal_prompts} "
-        f"--max-new-tokens {args.max_new_tokens} --write-docs`.",
+        f"--max-new-tokens {args.max_new_tokens} --distill-minutes {args.distill_minutes:g} --write-docs`.",
         f"Default pair, {args.quant}: SmolLM2-135M-Instruct as the large model; the small model is "
         f"{draft_description(engine)}. First {args.prompts} prompts of each set, chat template, greedy, up to "
         f"{args.max_new_tokens} new tokens; `ar` on the large model and every `ead` / `ead-spec` setting run on "
