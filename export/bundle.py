@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgespec.export.errors import ExportError
@@ -131,6 +132,9 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
         entry["graphs"][name] = {"file": rel, "data_file": f"{role}/{name}.onnx.data", "variant": variant,
                                  "chunk": chunk, "attention_rows": rows, "inputs": inputs, "outputs": outputs}
         entry["quantization"] = qinfo
+        if loaded.head_ids is not None:
+            np.save(root / role / "head_ids.npy", loaded.head_ids.astype(np.int64))
+            entry["head_ids"] = f"{role}/head_ids.npy"
         size = (root / rel).stat().st_size + (root / f"{role}/{name}.onnx.data").stat().st_size
         options.log(f"{role}/{name}: {size / 1e6:.1f} MB ({qinfo.get('method')}"
                     f"{', ' + qinfo['weights'] if 'weights' in qinfo else ''}) in {time.perf_counter() - t0:.1f}s")

@@ -20,13 +20,14 @@ from edgespec.export.bundle import (
     write_model_graphs,
     write_tokenizer,
 )
-from edgespec.export.distill import DEFAULT_MINUTES, DistillConfig
+from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DEFAULT_MINUTES, DistillConfig
 from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
                   parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None,
-                  ngram_tokens: int = 0, distill: DistillConfig | None = None) -> Path:
+                  ngram_tokens: int = 0, distill: DistillConfig | None = None,
+                  draft_head_tokens: int | None = None) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
@@ -58,7 +59,8 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
             raise ExportError("--derive-draft and --draft are alternatives; pass one")
         from edgespec.export.derive import derive_draft
 
-        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, log=options.log)
+        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, draft_head_tokens,
+                                                     log=options.log)
     tmp = staging_dir(out)
     try:
         manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -150,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-minutes", type=float, default=DEFAULT_MINUTES,
                    help="CPU minutes to distil a derived draft against the target (0: no distillation); "
                         "the result is cached, so a second export is quick")
+    p.add_argument("--draft-head-tokens", type=int, default=DEFAULT_HEAD_TOKENS,
+                   help="a derived draft's LM head keeps the N tokens the target writes most (from the distillation "
+                        "corpus; 0: the full vocabulary); lossless, since the target verifies every token")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")
     p.add_argument("--max-context", type=int, default=2048, help="KV buffer length (tokens)")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--distill-minutes must be >= 0, got {args.distill_minutes}")
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
                       derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
-                      distill=DistillConfig(minutes=args.distill_minutes) if derive else None)
+                      distill=DistillConfig(minutes=args.distill_minutes) if derive else None,
+                      draft_head_tokens=args.draft_head_tokens if derive and args.distill_minutes > 0 else None)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

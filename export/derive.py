@@ -109,11 +109,14 @@ def candidate_subsets(n_layers: int, k: int) -> list[list[int]]:
     return out
 
 
-def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, log=print) -> tuple[LoadedModel, dict]:
+def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, head_tokens: int | None = None,
+                 log=print) -> tuple[LoadedModel, dict]:
     """Pick the layer subset that agrees best with the target, then distil it if `distill_config` asks to.
 
     Returns the draft and what was measured (agreement before and after distillation, on prompts that
-    are neither the distillation corpus nor the benchmarks').
+    are neither the distillation corpus nor the benchmarks'). `head_tokens` cuts the draft's LM head to
+    the tokens the target actually writes (chosen from the distillation corpus): in a shallow draft of a
+    large-vocabulary model the head costs more than the layers.
     """
     if not 1 <= n_layers < loaded.spec.num_layers:
         raise ExportError(f"--draft-layers must be in 1..{loaded.spec.num_layers - 1}, got {n_layers}")
@@ -136,4 +139,25 @@ def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, lo
         info["agreement_after_distillation"] = greedy_agreement(loaded.model, derived.model, token_lists)[0]
         log(f"draft agreement with the target: {info['agreement_before_distillation']:.1%} before distillation, "
             f"{info['agreement_after_distillation']:.1%} after")
+    if head_tokens:
+        derived = _restrict_head(derived, head_tokens, distill_config, info, log)
     return derived, info
+
+
+def _restrict_head(draft: LoadedModel, n: int, distill_config, info: dict, log) -> LoadedModel:
+    from edgespec.export.distill import Corpus, default_cache_dir, head_tokens
+
+    if "distillation" not in info:
+        raise ExportError("--draft-head-tokens chooses the head's tokens from the distillation corpus: "
+                          "give --distill-minutes > 0")
+    if not 1 <= n < draft.spec.vocab_size:
+        raise ExportError(f"--draft-head-tokens must be in 1..{draft.spec.vocab_size - 1}, got {n}")
+    cache = distill_config.cache_dir or default_cache_dir()
+    corpus = Corpus.load(cache / f"{info['distillation']['cache_key']}.corpus.npz")
+    ids = head_tokens(corpus, draft.spec.vocab_size, n, draft.spec.eos_token_ids)
+    weights = dict(draft.weights, lm_head=draft.weights["lm_head"][ids])
+    covered = float(np.isin(corpus.topk_ids[:, 0], ids).mean())
+    info["head_tokens"] = {"count": int(len(ids)), "corpus_top1_covered": covered}
+    log(f"draft head: {len(ids)} of {draft.spec.vocab_size} tokens, covering {covered:.1%} of the target's "
+        "top-1 choices in the corpus")
+    return replace(draft, weights=weights, head_ids=ids)

@@ -34,6 +34,7 @@ from edgespec.export.distill_prompts import distill_prompts
 from edgespec.export.errors import ExportError
 
 DEFAULT_MINUTES = 12.0
+DEFAULT_HEAD_TOKENS = 8192
 
 
 @dataclass
@@ -207,6 +208,18 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+def head_tokens(corpus: Corpus, vocab_size: int, n: int, always: list[int]) -> np.ndarray:
+    """The `n` token ids that carry most of the target's probability mass over the corpus, plus `always`.
+
+    A draft head over these rows costs n/vocab of the full one; tokens outside it get probability 0 from
+    the draft, which the target's verification makes up for, so the output is unchanged.
+    """
+    mass = np.zeros(vocab_size, np.float64)
+    np.add.at(mass, corpus.topk_ids.ravel(), np.exp(corpus.topk_logp.astype(np.float64)).ravel())
+    mass[list(always)] = np.inf
+    return np.sort(np.argsort(-mass, kind="stable")[:n]).astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -362,7 +375,7 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
             for name, p in params.items():
                 p.copy_(tensors[name])
         log(f"distill: loaded cached distilled draft {final}")
-        return {**meta["info"], "cache": "hit"}
+        return {**meta["info"], "cache": "hit", "cache_key": key}
     torch.manual_seed(config.seed)
     budget = config.minutes * 60.0
     t_start = time.perf_counter()
@@ -379,4 +392,4 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
             "train_seconds": round(state["seconds"], 1), "corpus_top1_agreement": state["agreement"],
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1)}
     _save_tensors(final, params, {"info": info})
-    return {**info, "cache": "written"}
+    return {**info, "cache": "written", "cache_key": key}

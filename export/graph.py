@@ -86,7 +86,8 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
     ]
     for name in kv_input_names(spec.num_layers):
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, S, spec.vocab_size])]
+    head_rows = weights["lm_head"].shape[0]  # below vocab_size for a draft with a restricted head
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, S, head_rows])]
 
     g.const("embed_tokens.weight", weights["embed_tokens"].astype(np.float32))
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], name="embed_tokens")
@@ -145,7 +146,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
 
     norm_w = g.const("final_norm.weight", weights["final_norm"].astype(np.float32))
     h, _ = _rms_norm(g, variant, x, residual, norm_w, spec.rms_norm_eps, "final_norm")
-    if tie_lm_head and spec.tie_word_embeddings:
+    if tie_lm_head and spec.tie_word_embeddings and head_rows == spec.vocab_size:
         flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, H], np.int64))])
         logits2d = g.op("Gemm", [flat, "embed_tokens.weight"], name="lm_head", transB=1)
         g.op("Reshape", [logits2d, g.const("logits_shape", np.array([1, -1, spec.vocab_size], np.int64))],

@@ -31,6 +31,7 @@ class LoadedModel:
     spec: ModelSpec
     weights: dict[str, np.ndarray]
     source_layers: list[int] | None = None  # for a draft derived from a target: which target layers it kept
+    head_ids: np.ndarray | None = None  # a draft whose LM head keeps only these rows (weights["lm_head"] is cut)
 
     def rope(self, max_context: int) -> RopeTable:
         rotary = self.model.model.rotary_emb

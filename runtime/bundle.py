@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CACHE_DIR = "cache"  # inside the bundle; not checksummed (optimized graphs, cost curves)
@@ -56,6 +58,7 @@ class ModelInfo:
     quantization: dict
     graphs: dict[str, GraphInfo]
     extra: dict = field(default_factory=dict)
+    head_ids: np.ndarray | None = None  # a draft whose LM head covers only these token ids (logits in this order)
 
     @property
     def num_layers(self) -> int:
@@ -126,7 +129,8 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     try:
         models = {role: ModelInfo(role=role, spec=m["spec"], quantization=m["quantization"],
                                   graphs={k: GraphInfo.from_json(g) for k, g in m["graphs"].items()},
-                                  extra=m.get("extra", {}))
+                                  extra=m.get("extra", {}),
+                                  head_ids=_head_ids(root, m.get("head_ids"), m["spec"]["vocab_size"]))
                   for role, m in raw["models"].items()}
         manifest = Manifest(root=root, max_context=int(raw["max_context"]), tokenizer=raw["tokenizer"],
                             models=models, files=raw["files"], raw=raw)
@@ -149,3 +153,16 @@ def verify_files(manifest: Manifest) -> None:
         if actual != expected:
             raise ChecksumError(f"checksum mismatch for {rel}: the file was changed or corrupted "
                                 f"(expected sha256 {expected[:12]}…, got {actual[:12]}…)")
+
+
+def _head_ids(root: Path, rel: str | None, vocab_size: int) -> np.ndarray | None:
+    if rel is None:
+        return None
+    try:
+        ids = np.load(root / rel, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read the draft's head token ids {rel}: {exc}") from exc
+    if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= vocab_size or np.any(np.diff(ids) <= 0):
+        raise BundleError(f"{rel} must hold increasing token ids below {vocab_size}")
+    return ids.astype(np.int64)
+

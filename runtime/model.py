@@ -17,6 +17,8 @@ import onnxruntime as ort
 
 from edgespec.runtime.bundle import CACHE_DIR, GraphInfo, Manifest, ModelInfo
 
+UNLISTED = -1e30  # logit of a token outside a restricted draft head
+
 
 class ContextFullError(RuntimeError):
     """A pass would write past the end of the fixed-size KV buffer."""
@@ -163,6 +165,13 @@ class ModelRunner:
         static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
         self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
+        # A draft with a head over only `head_ids` writes its logits to `_head_logits`; they are spread into
+        # `_logits`, whose other columns stay at UNLISTED (probability 0, finite so entropies stay defined).
+        self.head_ids = info.head_ids
+        self._head_logits = None
+        if self.head_ids is not None:
+            self._logits.fill(UNLISTED)
+            self._head_logits = np.zeros((1, self.max_chunk, len(self.head_ids)), np.float32)
         # GroupQueryAttention takes a different code path for a one-token pass, and with int8-rounded
         # activations (MatMulNBits accuracy level 4) its tiny differences grow to whole logits. Passes
         # of 2..128 rows agree bit for bit (measured: a 129-row pass computes its last row apart, like a
@@ -248,10 +257,13 @@ class ModelRunner:
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         b.bind_cpu_input("past_length", np.array([self.length], np.int64))
         logits = self._logits[:, :width]
-        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        out = logits if self._head_logits is None else self._head_logits[:, :width]
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
         t0 = time.perf_counter()
         slot.session.run_with_iobinding(b)
         self.stats.record(n, time.perf_counter() - t0)
+        if self._head_logits is not None:
+            logits[0][:n, self.head_ids] = self._head_logits[0, :n]
         if slot.new_kv is not None:
             end = self.length + n
             for i in range(len(self.keys)):

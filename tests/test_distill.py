@@ -33,13 +33,19 @@ def tiny_target(tmp_path_factory):
     return load(str(make_tiny_model_dir(tmp_path_factory.mktemp("distill") / "model", layers=3)))
 
 
-def test_distillation_raises_agreement_and_leaves_the_target_alone(tiny_target, tmp_path):
+@pytest.fixture(scope="module")
+def distill_cache(tmp_path_factory) -> Path:
+    """Shared by the tests that distil with TINY_DISTILL: the second one reuses the cached draft."""
+    return tmp_path_factory.mktemp("distill-cache")
+
+
+def test_distillation_raises_agreement_and_leaves_the_target_alone(tiny_target, distill_cache):
     import torch
 
     from edgespec.export.derive import derive_draft
 
     before = {k: v.clone() for k, v in tiny_target.model.state_dict().items()}
-    draft, info = derive_draft(tiny_target, 1, _config(tmp_path), log=quiet)
+    draft, info = derive_draft(tiny_target, 1, _config(distill_cache), log=quiet)
     # measured on the calibration prompts, which are not in the distillation corpus (11% -> 23% seen)
     assert info["agreement_after_distillation"] >= info["agreement_before_distillation"] + 0.05, info
     assert info["distillation"]["train_steps"] > 0 and info["distillation"]["corpus_answer_tokens"] > 0
@@ -50,7 +56,7 @@ def test_distillation_raises_agreement_and_leaves_the_target_alone(tiny_target, 
     assert not (draft.weights[layer] == source).all(), "the exported draft must carry the distilled weights"
     assert (draft.weights["embed_tokens"] == tiny_target.weights["embed_tokens"]).all()
 
-    again, info2 = derive_draft(tiny_target, 1, _config(tmp_path), log=quiet)
+    again, info2 = derive_draft(tiny_target, 1, _config(distill_cache), log=quiet)
     assert info2["distillation"]["cache"] == "hit", "the second derivation loads the cached weights, no training"
     assert info2["distillation"]["train_steps"] == info["distillation"]["train_steps"]
     assert (again.weights[layer] == draft.weights[layer]).all()
@@ -96,3 +102,28 @@ def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
     steps = int(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
     assert steps > saved["step"]
     assert list(tmp_path.glob("*.draft.safetensors"))
+
+
+def test_restricted_draft_head_is_lossless(tiny_target, distill_cache, tmp_path):
+    import numpy as np
+
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+    from edgespec.runtime.engine import Engine
+    from edgespec.runtime.model import UNLISTED
+
+    bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
+                           derive_layers=1, distill=_config(distill_cache), draft_head_tokens=40,
+                           options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
+    engine = Engine.load(bundle)
+    head = engine.draft.head_ids
+    assert head is not None and len(head) == 40
+    assert engine.manifest.raw["models"]["draft"]["graphs"]["fused"]["outputs"][0]["shape"][-1] == 40
+    logits = engine.draft.forward([5, 6, 7]).copy()
+    outside = np.setdiff1d(np.arange(engine.draft.vocab_size), head)
+    assert (logits[:, outside] == UNLISTED).all() and np.isfinite(logits[:, head]).all()
+    assert (logits[:, head] > UNLISTED).all()
+    for prompt in ("def add(a, b):", "Hello there"):
+        ar = engine.generate(prompt, max_new_tokens=40, mode="ar").token_ids
+        for mode in ("spec", "staged"):
+            assert engine.generate(prompt, max_new_tokens=40, mode=mode).token_ids == ar, mode
