@@ -66,7 +66,7 @@ def parse_with_common(ap) -> tuple[object, Path]:
     """Add the options every benchmark shares, parse, and return (args, the created work directory)."""
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--work-dir", default="bench/.work")
-    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--draft-layers", type=int, default=6)
     ap.add_argument("--distill-minutes", type=float, default=12.0,
                     help="distillation budget of the derived draft (cached across bundles and runs; 0: none)")
     ap.add_argument("--write-docs", action="store_true")

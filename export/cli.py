@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--derive-draft", action="store_true",
                    help="derive the draft from the target's own layers (the default for --target default)")
     p.add_argument("--no-draft", action="store_true", help="target only (for --target default: no derived draft)")
-    p.add_argument("--draft-layers", type=int, default=4, help="layers kept by --derive-draft")
+    p.add_argument("--draft-layers", type=int, default=6, help="layers kept by --derive-draft")
     p.add_argument("--distill-minutes", type=float, default=DEFAULT_MINUTES,
                    help="CPU minutes to distil a derived draft against the target (0: no distillation); "
                         "the result is cached, so a second export is quick")

@@ -42,13 +42,13 @@ class DistillConfig:
     """Budget and settings; `minutes` covers corpus generation and training together."""
 
     minutes: float = DEFAULT_MINUTES
-    corpus_share: float = 0.35  # at most this share of the budget goes to generating the corpus
-    corpus_tokens: int = 40_000  # stop generating earlier once this many answer tokens exist
+    corpus_share: float = 0.5  # at most this share of the budget goes to generating the corpus
+    corpus_tokens: int = 60_000  # stop generating earlier once this many answer tokens exist
     new_tokens: int = 128
-    samples_per_prompt: int = 4  # sampled answers per prompt, on top of one greedy answer
+    samples_per_prompt: int = 8  # sampled answers per prompt, on top of one greedy answer
     temperature: float = 0.8
     top_k: int = 32
-    gen_batch: int = 16
+    gen_batch: int = 32
     train_batch: int = 8
     lr: float = 4e-4
     seed: int = 0
@@ -167,7 +167,8 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
         torch.manual_seed(config.seed + corpus.prompts_done)
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature,
                                                          "top_k": 0, "top_p": 1.0}
-        with torch.no_grad():
+        # bf16 generation: 1.5x the tokens per second of fp32 on our CPUs; text, not exact logits, is the bottleneck
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = target_model.generate(ids, attention_mask=mask, max_new_tokens=config.new_tokens,
                                         output_logits=True, return_dict_in_generate=True,
                                         pad_token_id=pad, **sampling)
