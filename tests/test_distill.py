@@ -127,3 +127,23 @@ def test_restricted_draft_head_is_lossless(tiny_target, distill_cache, tmp_path)
         ar = engine.generate(prompt, max_new_tokens=40, mode="ar").token_ids
         for mode in ("spec", "staged"):
             assert engine.generate(prompt, max_new_tokens=40, mode=mode).token_ids == ar, mode
+
+
+def test_manifest_records_agreement_and_cost_ratio(tiny_pair_bundle):
+    from edgespec.runtime.bundle import load_manifest
+
+    measured = load_manifest(tiny_pair_bundle).raw["models"]["draft"]["measured"]
+    assert 0.0 <= measured["agreement"] <= 1.0
+    assert 0.0 < measured["cost_ratio"] < 5.0 and measured["draft_pass_ms"] > 0 and measured["target_pass_ms"] > 0
+
+
+def test_a_given_draft_that_cannot_pay_is_warned_about(tiny_dir, tmp_path):
+    from tiny import make_tiny_model_dir
+
+    other = make_tiny_model_dir(tmp_path / "other", seed=7)  # same tokenizer, unrelated weights
+    out = subprocess.run([sys.executable, "-m", "edgespec.export.cli", "--target", str(tiny_dir), "--draft", str(other),
+                          "--quant", "fp32", "--max-context", "128", "--no-parity", "--ngram-tokens", "0",
+                          "--out", str(tmp_path / "bundle")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warning = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("warning: the draft agrees")]
+    assert warning and "cannot pay" in warning[0]
