@@ -153,7 +153,11 @@ def _restrict_head(draft: LoadedModel, n: int, distill_config, info: dict, log) 
     if not 1 <= n < draft.spec.vocab_size:
         raise ExportError(f"--draft-head-tokens must be in 1..{draft.spec.vocab_size - 1}, got {n}")
     cache = distill_config.cache_dir or default_cache_dir()
-    corpus = Corpus.load(cache / f"{info['distillation']['cache_key']}.corpus.npz")
+    path = cache / f"{info['distillation']['cache_key']}.corpus.npz"
+    if not path.is_file():
+        raise ExportError(f"the distillation corpus {path} is gone from the cache; delete the matching "
+                          f"{info['distillation']['cache_key']}.draft.safetensors there to distil again")
+    corpus = Corpus.load(path)
     ids = head_tokens(corpus, draft.spec.vocab_size, n, draft.spec.eos_token_ids)
     weights = dict(draft.weights, lm_head=draft.weights["lm_head"][ids])
     covered = float(np.isin(corpus.topk_ids[:, 0], ids).mean())

@@ -387,10 +387,12 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
     if corpus.answer_tokens == 0:
         raise ExportError("the distillation budget ended before any corpus text was generated; raise --distill-minutes")
     train_seconds = max(0.0, budget - corpus.seconds)
-    state = train(student, corpus, config, train_seconds, cache / f"{key}.ckpt.safetensors", log)
+    checkpoint = cache / f"{key}.ckpt.safetensors"
+    state = train(student, corpus, config, train_seconds, checkpoint, log)
     info = {"minutes_budget": config.minutes, "corpus_answer_tokens": corpus.answer_tokens,
             "corpus_seconds": round(corpus.seconds, 1), "train_steps": state["step"],
             "train_seconds": round(state["seconds"], 1), "corpus_top1_agreement": state["agreement"],
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1)}
     _save_tensors(final, params, {"info": info})
+    checkpoint.unlink(missing_ok=True)  # the final weights supersede it; the corpus stays (head token choice)
     return {**info, "cache": "written", "cache_key": key}

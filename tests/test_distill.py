@@ -103,6 +103,7 @@ def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
     steps = int(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
     assert steps > saved["step"]
     assert list(tmp_path.glob("*.draft.safetensors"))
+    assert not list(tmp_path.glob("*.ckpt.safetensors")), "the checkpoint is removed once the final weights exist"
 
 
 def test_restricted_draft_head_is_lossless(tiny_target, distill_cache, tmp_path):
