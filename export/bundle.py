@@ -118,6 +118,9 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
     tie = options.quant == "fp32" or options.quant == "fp16"
     entry: dict = {"source": loaded.source, "spec": loaded.spec.to_json(), "graphs": {}, "quantization": {}}
     (root / role).mkdir(parents=True, exist_ok=True)
+    if loaded.head_ids is not None:
+        np.save(root / role / "head_ids.npy", loaded.head_ids.astype(np.int64))
+        entry["head_ids"] = f"{role}/head_ids.npy"
     for name, (variant, chunk) in graph_plan(options).items():
         t0 = time.perf_counter()
         # a fused target pads attention to two rows itself (pass-size invariance, see runtime/model.py)
@@ -132,9 +135,6 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
         entry["graphs"][name] = {"file": rel, "data_file": f"{role}/{name}.onnx.data", "variant": variant,
                                  "chunk": chunk, "attention_rows": rows, "inputs": inputs, "outputs": outputs}
         entry["quantization"] = qinfo
-        if loaded.head_ids is not None:
-            np.save(root / role / "head_ids.npy", loaded.head_ids.astype(np.int64))
-            entry["head_ids"] = f"{role}/head_ids.npy"
         size = (root / rel).stat().st_size + (root / f"{role}/{name}.onnx.data").stat().st_size
         options.log(f"{role}/{name}: {size / 1e6:.1f} MB ({qinfo.get('method')}"
                     f"{', ' + qinfo['weights'] if 'weights' in qinfo else ''}) in {time.perf_counter() - t0:.1f}s")

@@ -28,6 +28,7 @@ def _register_builtin_modes() -> None:
 
 
 SPECULATIVE_MODES = ("spec", "staged", "ngram", "ead-spec")
+DRAFTED_MODES = ("spec", "staged", "ead-spec")  # modes whose proposals come from the draft model
 COSTED_MODES = SPECULATIVE_MODES + ("ead",)  # modes that read the measured pass costs (`ead`: its ratio to `ar`)
 
 
@@ -203,7 +204,7 @@ class ChatSession:
             options.setdefault("bundle_tau", bundle_tau)
         options.setdefault("ngram_model", engine.ngram_model)
         measured = engine.manifest.raw["models"].get("draft", {}).get("measured", {})
-        if mode in ("spec", "staged", "ead-spec") and "agreement" in measured:
+        if mode in DRAFTED_MODES and "agreement" in measured:
             options.setdefault("prior_alpha", measured["agreement"])  # export-time agreement seeds the adaptive size
         for role, curve in engine.cost_curves.items():
             options.setdefault(f"{role}_cost_curve", curve)
