@@ -23,12 +23,10 @@ def measure_cost_ratio(bundle_root: Path, rounds: int = 3) -> dict:
     """
     from edgespec.runtime.bundle import load_manifest
     from edgespec.runtime.model import ModelRunner, SessionConfig
-    from edgespec.runtime.placement import QuietDraftConfig
 
     manifest = load_manifest(bundle_root, verify=False)
     graph = next(iter(manifest.target.graphs))
-    configs = {"target": SessionConfig(), "draft": QuietDraftConfig()}  # the runtime's settings per role
-    runners = {role: ModelRunner.open(manifest, role, configs[role], graph=graph) for role in configs}
+    runners = {role: ModelRunner.open(manifest, role, SessionConfig(), graph=graph) for role in ("target", "draft")}
     room = (manifest.max_context - 2) // 2  # prompt plus decode steps (and a padding row) fit any context
     prompt = np.arange(1, min(PROMPT_TOKENS, room) + 1) % manifest.target.vocab_size
     times: dict[str, list[float]] = {"target": [], "draft": []}

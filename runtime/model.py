@@ -77,6 +77,13 @@ class SessionConfig:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = levels[self.optimization]
         so.log_severity_level = 3
+        # Workers spin within a pass (fast hand-offs) but stop when it returns. Each session has its own
+        # pool, and on a 2-core CPU a pool still spinning after its pass takes a core from the next
+        # model's pass: with a draft of 6 of SmolLM2-135M's 30 layers (int4), 3 draft passes then a
+        # 4-row target pass took 22.5-23 ms with the target spinning on and the draft not spinning at
+        # all, 19.4 ms with both stopping at the end of a pass; one-row target passes alone are
+        # unchanged (10.0 vs 10.1 ms, interleaved).
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
 

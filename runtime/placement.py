@@ -9,7 +9,6 @@ itself, with the optimized-graph cache in the bundle; other providers go through
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
 
 from edgespec.devices.detect import detect
 from edgespec.devices.placement import Candidate, bundle_variants, open_session, plan
@@ -19,32 +18,7 @@ from edgespec.runtime.model import ModelRunner, SessionConfig, open_graph_sessio
 log = logging.getLogger("edgespec.runtime")
 
 
-@dataclass
-class QuietDraftConfig(SessionConfig):
-    """Session settings for the draft: its idle worker threads block instead of spinning.
-
-    Each session has its own intra-op thread pool, and onnxruntime's workers spin for a while
-    after a pass. On a 2-core CPU the draft's spinning workers then compete with the target's
-    next passes: measured on SmolLM2-135M int8, a draft pass made the following 3-4 target passes
-    1.5-2x slower, so draft-then-verify loops ran 1.8x slower than the passes themselves cost
-    (96 target passes interleaved with 3 draft passes each: 1.12 s; with the draft not spinning
-    0.68 s; `ar` unchanged). The draft's own passes lose about 0.5 ms each.
-    """
-
-    def session_options(self):
-        so = super().session_options()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return so
-
-
-def _role_config(role: str, config: SessionConfig) -> SessionConfig:
-    if role != "draft":
-        return config
-    return QuietDraftConfig(**{f.name: getattr(config, f.name) for f in fields(config)})
-
-
 def _open_role(manifest: Manifest, role: str, placement, config: SessionConfig, strict: bool) -> ModelRunner:
-    config = _role_config(role, config)
     info = manifest.models[role]
     first = placement.first
     graphs = [g for g in info.graphs.values() if g.variant == first.variant]
