@@ -32,7 +32,11 @@ class ExportOptions:
     device: str = "cpu"  # cpu: dynamic fused graph; npu: static graphs (decode chunk 1 + verify chunk)
     static_chunk: int = 16
     block_size: int = 32
+    lm_head_bits: int = 8  # RTN quantization of the LM head (int4/int8); GGUF-exact bundles keep the file's
     gguf_exact: bool = True
+    # Target graph for plain decoding only: attention is not padded to two rows and takes no tree mask,
+    # so one-token passes take GroupQueryAttention's faster path, whose logits differ from multi-row passes.
+    ar_only: bool = False
     qdq_activations: str = "uint16"
     log: Callable[[str], None] = print
     extra: dict = field(default_factory=dict)
@@ -46,6 +50,8 @@ class ExportOptions:
             raise ExportError(f"--device must be cpu or npu, got {self.device!r}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.lm_head_bits not in (4, 8):
+            raise ExportError(f"--lm-head-bits must be 4 or 8, got {self.lm_head_bits}")
         if self.static_chunk < 1 or self.static_chunk > self.max_context:
             raise ExportError(f"--static-chunk must be in 1..max_context, got {self.static_chunk}")
         if self.quant == "qdq" and self.device != "npu":
@@ -95,9 +101,10 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
         except ExportError as exc:
             options.log(f"note: GGUF blocks not carried over exactly ({exc}); re-quantizing with RTN")
     from edgespec.quant.weight_only import quantize_weight_only
-    model = quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4)
+    model = quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4,
+                                 lm_head_bits=options.lm_head_bits)
     return model, {"method": q, "weights": "rtn", "bits": bits, "block_size": options.block_size,
-                   "lm_head_bits": 8, "accuracy_level": 4}
+                   "lm_head_bits": options.lm_head_bits, "accuracy_level": 4}
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
@@ -124,16 +131,18 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
     for name, (variant, chunk) in graph_plan(options).items():
         t0 = time.perf_counter()
         # a fused target pads attention to two rows itself (pass-size invariance, see runtime/model.py)
-        rows = 2 if role == "target" and variant == "fused" else 1
+        invariant = not (options.ar_only and role == "target")
+        rows = 2 if role == "target" and variant == "fused" and invariant else 1
         model = build_decoder(loaded.spec, loaded.weights, rope, options.max_context, variant, chunk,
-                              tie_lm_head=tie, attention_rows=rows)
+                              tie_lm_head=tie, attention_rows=rows, tree_mask=invariant)
         model, qinfo = _quantize(model, loaded, variant, options, calibration)
         rel = f"{role}/{name}.onnx"
         onnx.save_model(model, str(root / rel), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{name}.onnx.data", size_threshold=1024)
         inputs, outputs = _io(model)
         entry["graphs"][name] = {"file": rel, "data_file": f"{role}/{name}.onnx.data", "variant": variant,
-                                 "chunk": chunk, "attention_rows": rows, "inputs": inputs, "outputs": outputs}
+                                 "chunk": chunk, "attention_rows": rows, "pass_size_invariant": invariant,
+                                 "tree_mask": invariant, "inputs": inputs, "outputs": outputs}
         entry["quantization"] = qinfo
         size = (root / rel).stat().st_size + (root / f"{role}/{name}.onnx.data").stat().st_size
         options.log(f"{role}/{name}: {size / 1e6:.1f} MB ({qinfo.get('method')}"

@@ -42,11 +42,14 @@ class GraphInfo:
     outputs: list[dict]
     data_file: str | None = None
     attention_rows: int = 1  # the graph pads attention to at least this many rows itself (bundles before it: 1)
+    pass_size_invariant: bool = True  # False: an --ar-only target, whose one-row passes compute apart
+    tree_mask: bool = True  # False: causal attention only, `attention_mask` is not read
 
     @staticmethod
     def from_json(d: dict) -> GraphInfo:
         return GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],
-                         outputs=d["outputs"], data_file=d.get("data_file"), attention_rows=d.get("attention_rows", 1))
+                         outputs=d["outputs"], data_file=d.get("data_file"), attention_rows=d.get("attention_rows", 1),
+                         pass_size_invariant=d.get("pass_size_invariant", True), tree_mask=d.get("tree_mask", True))
 
 
 @dataclass

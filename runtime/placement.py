@@ -28,7 +28,7 @@ def _open_role(manifest: Manifest, role: str, placement, config: SessionConfig, 
             session, load_info = open_graph_session(manifest, g.file, config)
             sessions.append((g, session))
         return ModelRunner(info, manifest.max_context, sessions, load_info=load_info | {"provider": first.key},
-                           min_rows=_min_rows(role))
+                           min_rows=_min_rows(role, graphs))
     by_variant = {v: manifest.path(next(g.file for g in info.graphs.values() if g.variant == v))
                   for v in {c.variant for c in placement.candidates}}
     session, used = open_session(by_variant, role, placement, config.session_options, strict,
@@ -42,12 +42,13 @@ def _open_role(manifest: Manifest, role: str, placement, config: SessionConfig, 
                                 cache_dir=manifest.root / CACHE_DIR)
         sessions.append((g, extra))
     return ModelRunner(info, manifest.max_context, sessions, load_info={"provider": used.key, "variant": used.variant},
-                       min_rows=_min_rows(role))
+                       min_rows=_min_rows(role, graphs))
 
 
-def _min_rows(role: str) -> int:
-    """Only the target's logits must not depend on pass size (see ModelRunner); the draft's may."""
-    return 2 if role == "target" else 1
+def _min_rows(role: str, graphs) -> int:
+    """Only the target's logits must not depend on pass size (see ModelRunner); the draft's may, and so
+    may an --ar-only target's, which is never asked to verify."""
+    return 2 if role == "target" and all(g.pass_size_invariant for g in graphs) else 1
 
 
 def _only(placement, candidate: Candidate):

@@ -261,3 +261,29 @@ def test_ngram_table_is_built_into_the_bundle(tiny_dir, tmp_path):
     assert engine.ngram_model is not None and engine.ngram_model.num_ngrams > 10
     ar = engine.generate("hello", max_new_tokens=30)
     assert engine.generate("hello", max_new_tokens=30, mode="ngram").token_ids == ar.token_ids
+
+
+def test_ar_only_target_is_fast_path_and_refuses_speculation(tiny_dir, tmp_path):
+    from edgespec.export.errors import ExportError
+    from edgespec.runtime.engine import ModeError
+
+    opts = dict(quant="fp32", max_context=128, log=quiet)
+    out = export_bundle(str(tiny_dir), tmp_path / "ar-only", options=ExportOptions(ar_only=True, **opts), parity=True,
+                        ngram_tokens=300)
+    graph = load_manifest(out).raw["models"]["target"]["graphs"]["fused"]
+    assert graph["attention_rows"] == 1 and not graph["pass_size_invariant"] and not graph["tree_mask"]
+    assert graph["parity"]["top1_agreement"] == 1.0  # fp32: the causal one-row path is still the model
+    model = onnx.load(str(out / "target/fused.onnx"), load_external_data=False)
+    assert not any(n.op_type in ("Pad", "Where") for n in model.graph.node)  # no attention padding, no tree bias
+    full = export_bundle(str(tiny_dir), tmp_path / "full", options=ExportOptions(**opts), parity=False)
+    ar_only, lossless = Engine.load(out), Engine.load(full)
+    assert ar_only.target.min_rows == 1
+    assert ar_only.generate("hello", max_new_tokens=12).token_ids == lossless.generate("hello", max_new_tokens=12).token_ids
+    for mode in ("ngram", "spec", "staged"):
+        with pytest.raises(ModeError, match="--ar-only"):
+            ar_only.generate("hello", max_new_tokens=4, mode=mode)
+    with pytest.raises(ExportError, match="no draft"):
+        export_bundle(str(tiny_dir), tmp_path / "bad", draft=str(tiny_dir), options=ExportOptions(ar_only=True, **opts))
+    cli = subprocess.run([sys.executable, "-m", "edgespec.export.cli", "--target", str(tiny_dir), "--ar-only",
+                          "--derive-draft", "--out", str(tmp_path / "bad2")], capture_output=True, text=True)
+    assert cli.returncode == 2 and "--ar-only contradicts" in cli.stderr
