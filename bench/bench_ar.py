@@ -45,11 +45,17 @@ def weight_bytes_per_pass(bundle: Path) -> int:
     return data - spec["vocab_size"] * spec["hidden_size"] * 4
 
 
+RTN_LIKE_GENAI = {"gguf_exact": False, "lm_head_bits": 4}  # genai builder's default int4: RTN block 32, 4-bit head
+VARIANTS = {"int4-ar-only": ("int4", {"ar_only": True}),
+            "int4-rtn": ("int4", RTN_LIKE_GENAI),
+            "int4-rtn-ar-only": ("int4", {**RTN_LIKE_GENAI, "ar_only": True})}
+
+
 def bundle_for(work: Path, quant: str, loaded_cache: dict) -> Path:
-    """Our bundle for a `--quants` entry; ``int4-rtn`` re-quantizes the weights like genai (RTN, block 32)."""
-    if quant != "int4-rtn":
+    """Our bundle for a `--quants` entry: a plain quantization, or one of VARIANTS (target only)."""
+    if quant not in VARIANTS:
         return ensure_bundle(work, quant, loaded_cache)
-    out = work / "smollm2-int4-rtn"
+    out = work / f"smollm2-{quant}"
     if (out / "manifest.json").is_file():
         return out
     from edgespec.export.bundle import ExportOptions
@@ -58,7 +64,8 @@ def bundle_for(work: Path, quant: str, loaded_cache: dict) -> Path:
 
     if "default" not in loaded_cache:
         loaded_cache["default"] = load("default")
-    return export_bundle("default", out, options=ExportOptions(quant="int4", max_context=2048, gguf_exact=False),
+    base, extra = VARIANTS[quant]
+    return export_bundle("default", out, options=ExportOptions(quant=base, max_context=2048, **extra),
                          parity=False, preloaded=loaded_cache)
 
 
@@ -112,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--quants", nargs="+", default=["fp32", "int8", "int4", "int4-rtn"])
+    ap.add_argument("--quants", nargs="+", default=["fp32", "int8", "int4", *VARIANTS])
     ap.add_argument("--work-dir", default="bench/.work")
     ap.add_argument("--no-genai", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
@@ -156,12 +163,10 @@ def main() -> None:
             lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} |")
         else:
             lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – |")
-    ours = statistics.median(results["edgespec int4"]["tps"]) if "edgespec int4" in results else None
-    peer = statistics.median(results["onnxruntime-genai int4"]["tps"]) if "onnxruntime-genai int4" in results else None
-    verdict = f"ours/genai int4 decode ratio: {ours / peer:.2f}" if ours and peer else ""
-    rtn = statistics.median(results["edgespec int4-rtn"]["tps"]) if "edgespec int4-rtn" in results else None
-    if rtn and peer:
-        verdict += f"; like-for-like (our int4-rtn / genai int4): {rtn / peer:.2f}"
+    tps = {name: statistics.median(acc["tps"]) for name, acc in results.items()}
+    peer = tps.get("onnxruntime-genai int4")
+    verdict = "; ".join(f"{name.split()[1]} / genai int4: {value / peer:.2f}" for name, value in tps.items()
+                        if peer and name.startswith("edgespec int4"))
     print("\n".join(lines))
     print(f"memcpy bandwidth: {bandwidth:.1f} GB/s. {verdict}")
     if args.write_docs:
@@ -169,21 +174,17 @@ def main() -> None:
                 f"Machine: {machine()}; {physical_cores()} threads used. Commit {git_rev()}."
                 f" Command: `python bench/bench_ar.py --prompts {args.prompts} --write-docs`. First {args.prompts} "
                 f"HumanEval prompts in the chat template, greedy, up to {args.max_new_tokens} new tokens, "
-                "systems interleaved per prompt. Our int4 (the headline row) is the GGUF-exact Q4_1 carry-over with "
-                "an 8-bit LM head; genai's is its builder's default int4 (RTN, block 32, accuracy level 4, 4-bit LM "
-                "head). `int4-rtn` is our like-for-like row: the same RTN block-32 re-quantization as genai's "
-                "(`edge-export --no-gguf-exact`), but an 8-bit LM head; it diverges from the GGUF model's greedy "
-                "output from the first tokens (design/feasibility.md), so it is a speed reference, not our default.",
+                "systems interleaved per prompt; genai's model is its builder's default int4 (RTN, block 32, accuracy "
+                "level 4, 4-bit LM head).",
                 "", *lines, "", f"Measured memcpy bandwidth of this machine: {bandwidth:.1f} GB/s. {verdict}.", "",
-                "Attention in a target graph pads a one-row pass to two rows inside the graph (GroupQueryAttention "
-                "is the only operator whose one-row code path differs, see docs/speculative.md), so the matmuls of "
-                "an `ar` pass run on one row; before, the runtime fed a second, padding row through the whole graph. "
-                "Part of the gap left to genai is the Q4_1 format: its per-block minimum needs an exact correction "
-                "`blocksum(A) @ (m + 8d)ᵀ` per linear that symmetric RTN weights do not have (int4 vs `int4-rtn`). "
-                "The rest (`int4-rtn` vs genai) is our graph and loop on like weights: an 8-bit LM head (28 MB "
-                "read per pass against genai's 4-bit 14 MB), separate Split and RotaryEmbedding nodes where genai "
-                "rotates inside GroupQueryAttention, the attention Pad/Slice, and per-token Python. The one-off "
-                "breakdown below the section has the bare-graph figures."]
+                "Rows: `int4` is our default, the GGUF-exact Q4_1 carry-over with the file's 8-bit (Q8_0) LM head; "
+                "`int4-rtn` re-quantizes like genai's builder (RTN, block 32, 4-bit LM head: `edge-export "
+                "--no-gguf-exact --lm-head-bits 4`), so it is the like-for-like row; its greedy output drifts from "
+                "the GGUF model's (design/feasibility.md). `-ar-only` rows are the same weights in a target graph "
+                "for plain decoding (`--ar-only`): no attention padding and no tree bias, which the other graphs "
+                "carry so that their logits do not depend on pass size (needed for lossless speculation, "
+                "docs/kv-interface.md). The Q4_1 rows also pay an exact per-block offset term "
+                "`blocksum(A) @ (m + 8d)ᵀ` per linear that symmetric RTN weights do not need (~2 ms per pass)."]
         write_section("ar", "\n".join(body))
 
 
