@@ -32,10 +32,10 @@ class DecodeState:
 
     def next_token(self, logits: np.ndarray, context: list[int] | None = None) -> int:
         """Choose one token from target logits with the sampling settings (greedy: argmax)."""
-        logits = apply_repetition_penalty(logits, np.asarray(context if context is not None else self.tokens),
+        logits = apply_repetition_penalty(logits, context if context is not None else self.tokens,
                                           self.params.repetition_penalty)
         if self.params.greedy:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         return sample(process_logits(logits, self.params), self.rng)
 
 

@@ -248,8 +248,9 @@ class ChatSession:
                         finish = "stop"
                         break
                     if live:
+                        checked = len(text)
                         text += stream.step(tokenizer, tok) or ""
-                        hit = _find_stop(text, params.stop)
+                        hit = _find_stop(text, params.stop, checked)
                         if hit is not None:
                             text, finish = text[:hit], "stop"
                             break
@@ -322,8 +323,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
+    """Where the first stop string in `text` begins; `text[:checked]` is known to hold none, so only
+    matches ending after it are looked for (a check per token stays short however long the text grows)."""
+    hits = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
 
 

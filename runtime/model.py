@@ -138,14 +138,40 @@ def open_graph_session(manifest: Manifest, graph_file: str, config: SessionConfi
     return sess, info
 
 
+class _StepInputs:
+    """The inputs of a one-token causal pass, preallocated, with OrtValues over their memory.
+
+    A session reads a bound OrtValue's memory when it runs (the KV buffers rely on this too), so a
+    one-token pass writes its token, position and past length in place and binds nothing: that
+    saves creating, copying and binding four arrays per decoded token. A wider graph (a static
+    chunk, or `min_rows`) gets the padding a chunk of one token gets in `forward`: token 0, the
+    same position, and a mask in which every row sees only itself.
+    """
+
+    def __init__(self, width: int):
+        self.ids = np.zeros((1, width), np.int64)
+        self.positions = np.zeros((1, width), np.int64)
+        self.past_length = np.zeros(1, np.int64)
+        arrays = {"input_ids": self.ids, "position_ids": self.positions,
+                  "attention_mask": np.eye(width, dtype=bool), "past_length": self.past_length}
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+
+
 @dataclass
 class _GraphSlot:
-    """One session of a model with its IO binding; static graphs also own their new-K/V output arrays."""
+    """One session of a model with its IO binding; static graphs also own their new-K/V output arrays.
+
+    `stepping` says the binding holds `step`'s inputs (any longer pass binds its own instead) and
+    `logits_width` how many rows of logits output are bound, so a run of one-token passes binds once.
+    """
 
     info: GraphInfo
     session: ort.InferenceSession
     binding: ort.IOBinding
     new_kv: list[np.ndarray] | None
+    step: _StepInputs
+    stepping: bool = False
+    logits_width: int = 0
 
 
 class ModelRunner:
@@ -165,20 +191,6 @@ class ModelRunner:
         shape = (1, info.num_kv_heads, max_context, info.head_dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(info.num_layers)]
-        kv_values = [ort.OrtValue.ortvalue_from_numpy(a) for pair in zip(self.keys, self.values, strict=True)
-                     for a in pair]
-        self._slots = sorted((self._bind(g, s, kv_values) for g, s in sessions),
-                             key=lambda slot: slot.info.chunk or 1 << 30)
-        static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
-        self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
-        self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
-        # A draft with a head over only `head_ids` writes its logits to `_head_logits`; they are spread into
-        # `_logits`, whose other columns stay at UNLISTED (probability 0, finite so entropies stay defined).
-        self.head_ids = info.head_ids
-        self._head_logits = None
-        if self.head_ids is not None:
-            self._logits.fill(UNLISTED)
-            self._head_logits = np.zeros((1, self.max_chunk, len(self.head_ids)), np.float32)
         # GroupQueryAttention takes a different code path for a one-token pass, and with int8-rounded
         # activations (MatMulNBits accuracy level 4) its tiny differences grow to whole logits. Passes
         # of 2..128 rows agree bit for bit (measured: a 129-row pass computes its last row apart, like a
@@ -187,7 +199,26 @@ class ModelRunner:
         # row's logits independent of how many tokens share its pass, which lossless speculation needs.
         # Graphs exported with `attention_rows` pad attention themselves, so the other operators run on
         # the real rows only; older graphs get the padding row as an input row.
-        self.min_rows = min_rows if any(s.info.variant == "fused" for s in self._slots) else 1
+        self.min_rows = min_rows if any(g.variant == "fused" for g, _ in sessions) else 1
+        kv_values = [ort.OrtValue.ortvalue_from_numpy(a) for pair in zip(self.keys, self.values, strict=True)
+                     for a in pair]
+        self._slots = sorted((self._bind(g, s, kv_values) for g, s in sessions),
+                             key=lambda slot: slot.info.chunk or 1 << 30)
+        static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
+        self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
+        # For each pass length: the smallest graph that fits it and the width the pass runs with there.
+        self._shapes = {n: next((slot, self._width(slot.info, n)) for slot in self._slots
+                                if slot.info.chunk is None or slot.info.chunk >= n)
+                        for n in range(1, self.max_chunk + 1)}
+        self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
+        self._logits_values: dict[int, ort.OrtValue] = {}  # pass width -> OrtValue over its rows of the output
+        # A draft with a head over only `head_ids` writes its logits to `_head_logits`; they are spread into
+        # `_logits`, whose other columns stay at UNLISTED (probability 0, finite so entropies stay defined).
+        self.head_ids = info.head_ids
+        self._head_logits = None
+        if self.head_ids is not None:
+            self._logits.fill(UNLISTED)
+            self._head_logits = np.zeros((1, self.max_chunk, len(self.head_ids)), np.float32)
         self.length = 0
         self.stats = PassStats()
 
@@ -214,7 +245,11 @@ class ModelRunner:
                 binding.bind_ortvalue_output("present_" + name, value)
             else:
                 binding.bind_ortvalue_output("new_" + name, ort.OrtValue.ortvalue_from_numpy(new_kv[j]))
-        return _GraphSlot(graph, session, binding, new_kv)
+        return _GraphSlot(graph, session, binding, new_kv, _StepInputs(self._width(graph, 1)))
+
+    def _width(self, graph: GraphInfo, n: int) -> int:
+        """Rows a pass of `n` tokens runs with on `graph`: its static chunk, else n padded to `min_rows`."""
+        return graph.chunk or (n if graph.attention_rows >= self.min_rows else max(n, self.min_rows))
 
     @property
     def providers(self) -> list[str]:
@@ -246,12 +281,47 @@ class ModelRunner:
         if self.length + max(n, self.min_rows) > self.max_context:
             raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
                                    f"{self.length} are used and this pass needs {max(n, self.min_rows)} more")
+        slot, width = self._shapes[n]
+        if n == 1 and positions is None and mask is None:
+            self._bind_step(slot, int(tokens[0]))
+        else:
+            self._bind_chunk(slot, tokens, positions, mask, width)
+        if slot.logits_width != width:
+            slot.binding.bind_ortvalue_output("logits", self._logits_value(width))
+            slot.logits_width = width
+        logits = self._logits[:, :width]
+        t0 = time.perf_counter()
+        slot.session.run_with_iobinding(slot.binding)
+        self.stats.record(n, time.perf_counter() - t0)
+        if self._head_logits is not None:
+            logits[0][:n, self.head_ids] = self._head_logits[0, :n]
+        if slot.new_kv is not None:
+            end = self.length + n
+            for i in range(len(self.keys)):
+                self.keys[i][:, :, self.length:end] = slot.new_kv[2 * i][:, :, :n]
+                self.values[i][:, :, self.length:end] = slot.new_kv[2 * i + 1][:, :, :n]
+        self.length += n
+        return logits[0, :n]
+
+    def _bind_step(self, slot: _GraphSlot, token: int) -> None:
+        """Write a one-token causal pass into the slot's preallocated inputs (bound once, see _StepInputs)."""
+        step = slot.step
+        step.ids[0, 0] = token
+        step.positions.fill(self.length)
+        step.past_length[0] = self.length
+        if not slot.stepping:
+            for name, value in step.values.items():
+                slot.binding.bind_ortvalue_input(name, value)
+            slot.stepping = True
+
+    def _bind_chunk(self, slot: _GraphSlot, tokens: np.ndarray, positions: np.ndarray | None,
+                    mask: np.ndarray | None, width: int) -> None:
+        """Bind (copies of) a chunk's inputs, padded to `width`; without positions/mask a causal continuation."""
+        n = len(tokens)
         if positions is None:
             positions = np.arange(self.length, self.length + n, dtype=np.int64)
         if mask is None:
             mask = np.tri(n, dtype=bool)
-        slot = next(s for s in self._slots if s.info.chunk is None or s.info.chunk >= n)
-        width = slot.info.chunk or (n if slot.info.attention_rows >= self.min_rows else max(n, self.min_rows))
         if width != n:  # pad to the static chunk or to min_rows; padded rows see only themselves
             tokens = np.concatenate([tokens, np.zeros(width - n, np.int64)])
             positions = np.concatenate([positions, np.full(width - n, positions[-1], np.int64)])
@@ -263,21 +333,14 @@ class ModelRunner:
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64).reshape(1, width))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         b.bind_cpu_input("past_length", np.array([self.length], np.int64))
-        logits = self._logits[:, :width]
-        out = logits if self._head_logits is None else self._head_logits[:, :width]
-        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
-        t0 = time.perf_counter()
-        slot.session.run_with_iobinding(b)
-        self.stats.record(n, time.perf_counter() - t0)
-        if self._head_logits is not None:
-            logits[0][:n, self.head_ids] = self._head_logits[0, :n]
-        if slot.new_kv is not None:
-            end = self.length + n
-            for i in range(len(self.keys)):
-                self.keys[i][:, :, self.length:end] = slot.new_kv[2 * i][:, :, :n]
-                self.values[i][:, :, self.length:end] = slot.new_kv[2 * i + 1][:, :, :n]
-        self.length += n
-        return logits[0, :n]
+        slot.stepping = False
+
+    def _logits_value(self, width: int) -> ort.OrtValue:
+        """The OrtValue over the first `width` rows of the logits output (the head's, for a restricted head)."""
+        if width not in self._logits_values:
+            out = self._logits if self._head_logits is None else self._head_logits
+            self._logits_values[width] = ort.OrtValue.ortvalue_from_numpy(out[:, :width])
+        return self._logits_values[width]
 
     def rollback(self, length: int) -> None:
         """Forget every slot at or after `length`: the next pass overwrites them."""

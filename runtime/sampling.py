@@ -7,6 +7,7 @@ modes call `process_logits` here rather than each doing its own top-k/top-p.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +41,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones."""
+def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int] | np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones.
+
+    `previous` may be a plain list: without a penalty (the default) it is never converted, which
+    saves an array of the whole context per decoded token.
+    """
     if penalty == 1.0 or len(previous) == 0:
         return logits
     out = logits.astype(np.float64, copy=True)
