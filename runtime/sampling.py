@@ -62,11 +62,11 @@ def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     Greedy becomes a one-hot on the argmax, which makes the speculative rules reduce to
     "accept while the draft equals the target's argmax".
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    if params.greedy:
-        probs = np.zeros_like(logits)
-        np.put_along_axis(probs, logits.argmax(-1)[..., None], 1.0, axis=-1)
+    if params.greedy:  # the argmax of the logits as given: no float64 copy of [rows, vocab]
+        probs = np.zeros(np.shape(logits))
+        np.put_along_axis(probs, np.asarray(logits).argmax(-1)[..., None], 1.0, axis=-1)
         return probs
+    logits = np.asarray(logits, dtype=np.float64)
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -params.top_k, axis=-1)[..., -params.top_k][..., None]

@@ -26,11 +26,14 @@ def require_draft(state: DecodeState, mode: str):
     return state.draft
 
 
-def distributions(state: DecodeState, logits: np.ndarray, contexts: list[list[int]]) -> np.ndarray:
-    """Per-row probabilities after repetition penalty (each row with its own context) and sampling settings."""
-    rows = [apply_repetition_penalty(row, np.asarray(ctx), state.params.repetition_penalty)
-            for row, ctx in zip(logits, contexts, strict=True)]
-    return process_logits(np.stack(rows), state.params)
+def distributions(state: DecodeState, logits: np.ndarray, tails: list[list[int]]) -> np.ndarray:
+    """Per-row probabilities after repetition penalty (row i's context: the committed tokens plus
+    `tails[i]`) and sampling settings. Contexts are only built when a penalty needs them: copying the
+    whole context per row cost more than the verification itself."""
+    if state.params.repetition_penalty != 1.0:
+        logits = np.stack([apply_repetition_penalty(row, state.tokens + tail, state.params.repetition_penalty)
+                           for row, tail in zip(logits, tails, strict=True)])
+    return process_logits(logits, state.params)
 
 
 def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndarray]:
@@ -52,7 +55,7 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
     feed = tokens[-1]
     for _ in range(k):
         logits = draft.forward([feed])[-1]
-        q = distributions(state, logits[None], [tokens + proposal])[0]
+        q = distributions(state, logits[None], [proposal])[0]
         feed = int(np.argmax(q)) if state.params.greedy else sample(q, state.rng)
         proposal.append(feed)
         q_rows.append(q)
@@ -60,7 +63,7 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
     t_verify = time.perf_counter()
     start = target.length
     p_logits = target.forward([tokens[-1]] + proposal).copy()
-    p = distributions(state, p_logits, [tokens + proposal[:i] for i in range(k + 1)])
+    p = distributions(state, p_logits, [proposal[:i] for i in range(k + 1)])
     if state.params.greedy:
         n = 0
         while n < k and proposal[n] == int(np.argmax(p[n])):

@@ -41,7 +41,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int]) -> list[i
     t0 = time.perf_counter()
     start = target.length
     logits = target.forward([tokens[-1]] + proposal)
-    p = distributions(state, logits, [tokens + proposal[:i] for i in range(len(proposal) + 1)])
+    p = distributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
     n, nxt = verify_deterministic(proposal, p, state.rng, state.params.greedy)
     target.rollback(start + 1 + n)
     stats.add_time("verify", time.perf_counter() - t0)
@@ -95,7 +95,7 @@ class StagedDrafter:
                 tree.add(0, alt)
             start = draft.length
             logits = draft.forward(tree.tokens, positions=tree.position_ids(start), mask=tree.attention_mask())
-            q = distributions(self.state, logits, [tokens + path] * len(tree.tokens))
+            q = distributions(self.state, logits, [path] * len(tree.tokens))
             kept, nxt = tree.walk(lambda node, q=q: int(np.argmax(q[node])))
             draft.keep(start, kept)
             matched = [tree.tokens[i] for i in kept[1:]]
