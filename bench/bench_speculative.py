@@ -35,7 +35,8 @@ def run(engine: Engine, prompts: list[str], temperature: float, max_new_tokens: 
                 ar_ids = r.token_ids
             elif temperature == 0 and r.token_ids != ar_ids:
                 acc["mismatch"] += 1
-            for k, v in r.stats.get("speculative", {}).get("accepted_histogram", {}).items():
+            spec = r.stats.get("speculative", {})
+            for k, v in spec.get("accepted_histogram_all_steps", spec.get("accepted_histogram", {})).items():
                 acc["hist"][int(k)] = acc["hist"].get(int(k), 0) + v
     return per_mode
 

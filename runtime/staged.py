@@ -107,9 +107,15 @@ class StagedDrafter:
 
 
 def decode_staged(state: DecodeState) -> Iterator[list[int]]:
+    """Each step verifies either the draft's path (stage 2 feeding stage 1) or, when the measured acceptance
+    and costs say the draft model cannot pay for its passes, the n-gram proposal straight away (the stage
+    below it), so a weak draft costs little more than `ngram` instead of dragging the target down."""
     require_draft(state, "staged")
     stats = SpecStats.attach(state)
-    stage2 = StagedDrafter(state, stats, _drafter(state))
+    direct = SpecStats(out={}, prior_alpha=float(state.options.get("ngram_prior_alpha", 0.6)),
+                       target_curve=stats.target_curve)
+    drafter = _drafter(state)
+    stage2 = StagedDrafter(state, stats, drafter)
     _start(state, stats)
     fixed = state.options.get("depth", state.options.get("k"))
     draft_tokens = 0
@@ -120,17 +126,35 @@ def decode_staged(state: DecodeState) -> Iterator[list[int]]:
         depth = int(fixed) if fixed is not None else stats.choose_k(limit, draft_s, target_s)
         depth = max(0, min(depth, limit))
         t0 = time.perf_counter()
-        path = stage2.path(depth) if depth else []
-        stats.add_time("draft", time.perf_counter() - t0)
-        draft_tokens += len(path)
-        emitted = _verify(state, stats, path)
-        state.draft.rollback(min(state.draft.length, state.target.length))
+        if depth:
+            path = stage2.path(depth)
+            stats.add_time("draft", time.perf_counter() - t0)
+            draft_tokens += len(path)
+            emitted = _verify(state, stats, path)
+            state.draft.rollback(min(state.draft.length, state.target.length))
+        else:
+            proposal = drafter.propose([], max(0, min(direct.choose_k(limit, 0.0, 1.0), limit)))
+            stats.add_time("draft", time.perf_counter() - t0)
+            emitted = _verify(state, direct, proposal)
         state.stats["staged"] = {"ngram_proposed": stage2.ngram_proposed,
                                  "ngram_accepted_by_draft": stage2.ngram_accepted,
                                  "stage2_acceptance": stage2.ngram_accepted / max(stage2.ngram_proposed, 1),
                                  "draft_passes_per_path_token":
-                                     (state.draft.stats.passes - draft_passes_before) / max(draft_tokens, 1)}
+                                     (state.draft.stats.passes - draft_passes_before) / max(draft_tokens, 1),
+                                 "draft_path_steps": stats.steps, "ngram_direct_steps": direct.steps,
+                                 "ngram_direct": direct.out.get("speculative", {})}
+        _merge_histograms(state.stats["speculative"], direct)
         yield emitted
+
+
+def _merge_histograms(out: dict, direct: SpecStats) -> None:
+    """Accepted-per-pass histogram and tokens per target pass over both kinds of steps."""
+    merged = dict(out.get("accepted_histogram", {}))
+    for emitted, count in direct.histogram.items():
+        merged[emitted] = merged.get(emitted, 0) + count
+    out["accepted_histogram_all_steps"] = dict(sorted(merged.items()))
+    steps = sum(merged.values())
+    out["tokens_per_target_pass_all_steps"] = sum(k * v for k, v in merged.items()) / steps if steps else 0.0
 
 
 def _path_token_seconds(state: DecodeState, path_tokens: int, passes_before: int) -> tuple[float | None, float | None]:
