@@ -21,8 +21,8 @@ import numpy as np
 
 from edgespec.runtime.decoding import DecodeState, catch_up
 from edgespec.runtime.sampling import entropy_bits
-from edgespec.runtime.speculative import chain_step, require_draft
-from edgespec.runtime.stats import SpecStats
+from edgespec.runtime.speculative import require_draft
+from edgespec.runtime.staged import StagedStep
 
 DEFAULT_TAU = 2.5
 DEFAULT_WINDOW = 5
@@ -144,14 +144,17 @@ def decode_ead(state: DecodeState) -> Iterator[list[int]]:
 
 
 def decode_ead_spec(state: DecodeState) -> Iterator[list[int]]:
-    """EAD where the large model's stretches run as speculative steps drafted by the small model.
+    """EAD where the large model's stretches run as staged speculative steps.
 
     Low-entropy stretches: the small model alone, as in EAD. High-entropy stretches: instead of
-    the large model decoding token by token, the small model drafts and the large model verifies,
-    so those stretches are exactly the large model's output at a fraction of its passes.
+    the large model decoding token by token, staged steps (runtime/staged.py): the small model
+    drafts, n-gram-drafted itself, and the large model verifies, so those stretches are exactly the
+    large model's output at a fraction of its passes. Where the small model's measured acceptance
+    cannot pay for its passes, a step verifies the n-gram proposal alone, so the large model's
+    stretches are never slower than its own decoding by more than a proposal's rejected rows.
     """
     ctl = _controller(state)
-    spec = SpecStats.attach(state)
+    staged = StagedStep(state)
     small, large = state.draft, state.target
     while True:
         tokens = state.tokens
@@ -164,7 +167,7 @@ def decode_ead_spec(state: DecodeState) -> Iterator[list[int]]:
                 yield [token]
                 continue
         before = large.length
-        emitted, target_logits = chain_step(state, spec)
+        emitted, target_logits = staged()
         caught_up = large.length - before - len(emitted)
         if caught_up > 0:
             ctl.catch_up_tokens += caught_up

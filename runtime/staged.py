@@ -35,8 +35,9 @@ def _drafter(state: DecodeState) -> NgramDrafter:
     return NgramDrafter(ContextLookup(state.tokens), state.options.get("ngram_model"))
 
 
-def _verify(state: DecodeState, stats: SpecStats, proposal: list[int]) -> list[int]:
-    """Target pass over the pending token plus `proposal`; commits the accepted prefix and one more token."""
+def _verify(state: DecodeState, stats: SpecStats, proposal: list[int]) -> tuple[list[int], np.ndarray]:
+    """Target pass over the pending token plus `proposal`; returns the accepted prefix plus one more token,
+    and the target's logits for each of them."""
     target, tokens = state.target, state.tokens
     t0 = time.perf_counter()
     start = target.length
@@ -46,7 +47,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int]) -> list[i
     target.rollback(start + 1 + n)
     stats.add_time("verify", time.perf_counter() - t0)
     stats.record_step(drafted=len(proposal), accepted=n, target_tokens=len(proposal) + 1)
-    return proposal[:n] + [nxt]
+    return proposal[:n] + [nxt], logits[:n + 1]
 
 
 def _start(state: DecodeState, stats: SpecStats) -> None:
@@ -69,7 +70,7 @@ def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
         t0 = time.perf_counter()
         proposal = drafter.propose([], max(0, min(k, limit)))
         stats.add_time("draft", time.perf_counter() - t0)
-        yield _verify(state, stats, proposal)
+        yield _verify(state, stats, proposal)[0]
 
 
 class StagedDrafter:
@@ -106,45 +107,63 @@ class StagedDrafter:
         return path[:depth]
 
 
-def decode_staged(state: DecodeState) -> Iterator[list[int]]:
-    """Each step verifies either the draft's path (stage 2 feeding stage 1) or, when the measured acceptance
-    and costs say the draft model cannot pay for its passes, the n-gram proposal straight away (the stage
-    below it), so a weak draft costs little more than `ngram` instead of dragging the target down."""
-    require_draft(state, "staged")
-    stats = SpecStats.attach(state)
-    direct = SpecStats(out={}, prior_alpha=float(state.options.get("ngram_prior_alpha", 0.6)),
-                       target_curve=stats.target_curve)
-    drafter = _drafter(state)
-    stage2 = StagedDrafter(state, stats, drafter)
-    _start(state, stats)
-    fixed = state.options.get("depth", state.options.get("k"))
-    draft_tokens = 0
-    draft_passes_before = state.draft.stats.passes
-    while True:
-        draft_s, target_s = _path_token_seconds(state, draft_tokens, draft_passes_before)
-        limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
-        depth = int(fixed) if fixed is not None else stats.choose_k(limit, draft_s, target_s)
+class StagedStep:
+    """One staged step at a time: the target verifies either the draft's path (stage 2 feeding stage 1) or,
+    when the measured acceptance and costs say the draft model cannot pay for its passes, the n-gram
+    proposal straight away (the stage below it), so a weak draft costs little more than `ngram`."""
+
+    def __init__(self, state: DecodeState):
+        require_draft(state, "staged")
+        self.state = state
+        self.stats = SpecStats.attach(state)
+        self.direct = SpecStats(out={}, prior_alpha=float(state.options.get("ngram_prior_alpha", 0.6)),
+                                target_curve=self.stats.target_curve)
+        self.drafter = _drafter(state)
+        self.stage2 = StagedDrafter(state, self.stats, self.drafter)
+        self.fixed = state.options.get("depth", state.options.get("k"))
+        self.draft_tokens = 0
+        self.draft_passes_before = state.draft.stats.passes
+
+    def __call__(self) -> tuple[list[int], np.ndarray]:
+        """Commit the next tokens; returns them and the target's logits for each."""
+        state, stats, draft = self.state, self.stats, self.state.draft
+        catch_up(state.target, state.tokens, keep_last=1)
+        draft_s, target_s = _path_token_seconds(state, self.draft_tokens, self.draft_passes_before)
+        limit = min(state.target.capacity, state.target.max_chunk, draft.capacity) - 1
+        depth = int(self.fixed) if self.fixed is not None else stats.choose_k(limit, draft_s, target_s)
         depth = max(0, min(depth, limit))
         t0 = time.perf_counter()
         if depth:
-            path = stage2.path(depth)
+            path = self.stage2.path(depth)
             stats.add_time("draft", time.perf_counter() - t0)
-            draft_tokens += len(path)
+            self.draft_tokens += len(path)
             emitted = _verify(state, stats, path)
-            state.draft.rollback(min(state.draft.length, state.target.length))
+            draft.rollback(min(draft.length, state.target.length))
         else:
-            proposal = drafter.propose([], max(0, min(direct.choose_k(limit, 0.0, 1.0), limit)))
+            k = max(0, min(self.direct.choose_k(limit, 0.0, 1.0), limit))
+            proposal = self.drafter.propose([], k)
             stats.add_time("draft", time.perf_counter() - t0)
-            emitted = _verify(state, direct, proposal)
-        state.stats["staged"] = {"ngram_proposed": stage2.ngram_proposed,
-                                 "ngram_accepted_by_draft": stage2.ngram_accepted,
-                                 "stage2_acceptance": stage2.ngram_accepted / max(stage2.ngram_proposed, 1),
-                                 "draft_passes_per_path_token":
-                                     (state.draft.stats.passes - draft_passes_before) / max(draft_tokens, 1),
-                                 "draft_path_steps": stats.steps, "ngram_direct_steps": direct.steps,
-                                 "ngram_direct": direct.out.get("speculative", {})}
-        _merge_histograms(state.stats["speculative"], direct)
-        yield emitted
+            emitted = _verify(state, self.direct, proposal)
+        self.publish()
+        return emitted
+
+    def publish(self) -> None:
+        stage2 = self.stage2
+        self.state.stats["staged"] = {
+            "ngram_proposed": stage2.ngram_proposed, "ngram_accepted_by_draft": stage2.ngram_accepted,
+            "stage2_acceptance": stage2.ngram_accepted / max(stage2.ngram_proposed, 1),
+            "draft_passes_per_path_token":
+                (self.state.draft.stats.passes - self.draft_passes_before) / max(self.draft_tokens, 1),
+            "draft_path_steps": self.stats.steps, "ngram_direct_steps": self.direct.steps,
+            "ngram_direct": self.direct.out.get("speculative", {})}
+        _merge_histograms(self.state.stats["speculative"], self.direct)
+
+
+def decode_staged(state: DecodeState) -> Iterator[list[int]]:
+    step = StagedStep(state)
+    _start(state, step.stats)
+    while True:
+        yield step()[0]
 
 
 def _merge_histograms(out: dict, direct: SpecStats) -> None:
