@@ -232,16 +232,14 @@ def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overla
         "`ead-spec` slower than `ead` at the same τ: " + ("; ".join(slower) if slower else "nowhere in this run") + ".",
         "",
         "Reading the table: switches and catch-up tokens are per prompt; catch-up tokens include the large model's "
-        "prompt prefill when it first takes over (which `ar` pays too). `ead-spec` is only as fast as `ead` where "
-        "speculation on the large model beats the large model alone: at τ = 0 `ead-spec` is `spec` and `ead` is "
-        "`ar` (both after the small model's prompt prefill), so their ratio there is `spec`'s ratio to `ar` on this "
-        "machine. Investigating why `ead-spec` is slower we found, and fixed in commit 6eb6add, a large cause: the "
-        "draft's onnxruntime worker threads spun after each draft pass and made the next 3-4 target passes 1.5-2x "
-        "slower on this 2-core machine (a draft-then-verify loop ran 1.8x slower than its passes cost; every "
-        "speculative mode was affected). NOT yet fixed: the adaptive draft size is chosen from cost curves measured "
-        "with each model alone, so it does not see what drafting costs in practice (the draft's catch-up passes, "
-        "the target's own workers spinning while the draft runs), and it keeps drafting where `ar` would be "
-        "faster.",
+        "prompt prefill when it first takes over (which `ar` pays too). The large model's stretches of `ead-spec` "
+        "run staged steps (runtime/staged.py): the small model drafts when its measured acceptance pays for its "
+        "passes, otherwise the n-gram proposal is verified directly, so at τ = 0 `ead-spec` is `staged` and `ead` "
+        "is `ar` (both after the small model's prompt prefill). Where `ead-spec` is still slower than `ead`, it is "
+        "on prose, where n-gram proposals are rarely accepted and their rejected rows plus the draft's probes cost "
+        "more than they return. All sessions stop their worker threads spinning when a pass ends "
+        "(docs/speculative.md); before that, a draft pass slowed the next 3-4 target passes 1.5-2x on this 2-core "
+        "machine.",
         "",
         "### The paper's figures next to ours",
         "",
