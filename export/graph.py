@@ -3,8 +3,8 @@
 Why the graph is written node by node instead of traced: neither `torch.onnx.export` nor
 optimum emits a decoder whose KV cache is a preallocated `max_context` buffer shared between
 past and present, that takes a 2-D chunk mask (tree attention) and explicit positions, that
-returns logits for every position, and that uses onnxruntime's fused kernels (GroupQueryAttention,
-RotaryEmbedding, SkipSimplifiedLayerNormalization, MatMulNBits). onnxruntime-genai's model builder
+returns logits for every position, and that uses onnxruntime's fused kernels (GroupQueryAttention with
+its own rotary, SkipSimplifiedLayerNormalization, MatMulNBits). onnxruntime-genai's model builder
 writes its graphs the same way, but without tree masks or all-position logits. Numerical parity
 with the torch model is checked by the export itself and by tests. See docs/kv-interface.md.
 
