@@ -42,6 +42,7 @@ class SpecStats:
     idle: int = 0
     probe_gap: int = 0  # current gap between probes: probe_every, doubled after each probe that fails
     probing: bool = False
+    prior_checked: bool = False
 
     @staticmethod
     def attach(state) -> SpecStats:
@@ -81,9 +82,15 @@ class SpecStats:
         When drafting does not pay, a step still drafts one token after `probe_every` idle steps, so
         that the acceptance estimate can recover when the text becomes predictable again. Each probe
         that is rejected doubles the wait (up to `probe_every_max`): with a draft that never agrees,
-        probes cost a draft catch-up pass and a draft pass each, with nothing in return.
+        probes cost a draft catch-up pass and a draft pass each, with nothing in return. When the prior
+        alone (the draft's agreement measured at export) already says drafting does not pay, the wait
+        starts at `probe_every_max`: the first probe's catch-up is the draft's whole prompt prefill.
         """
         k = self._best_k(limit, draft_seconds, target_seconds)
+        if not self.prior_checked:
+            self.prior_checked = True
+            if k == 0 and self.accepted + self.rejections == 0:
+                self.probe_gap = self.probe_every_max
         self.idle = 0 if k else self.idle + 1
         if k == 0 and self.idle >= self.gap and limit >= 1:
             self.idle = 0

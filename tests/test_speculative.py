@@ -239,3 +239,6 @@ def test_adaptive_size_follows_acceptance_and_cost():
         gaps.append(waited)
         bad.record_step(drafted=1, accepted=accepted, target_tokens=2)
     assert gaps[1:] == [32, 64, 128, 128] and bad.gap == 16
+    weak_prior = SpecStats(out={}, prior_alpha=0.1, target_curve=flat)  # export said: this draft cannot pay
+    first_probe = next(i for i in range(1, 200) if weak_prior.choose_k(12, 0.3, 1.0))
+    assert first_probe == 128
