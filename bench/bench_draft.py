@@ -16,7 +16,7 @@ import argparse
 from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
 from edgespec.export.derive import calibration_tokens, derive_draft, greedy_agreement
-from edgespec.export.distill import DistillConfig
+from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
 from edgespec.export.draft_check import measure_cost_ratio
 from edgespec.export.sources import load
 
@@ -29,12 +29,14 @@ def main() -> None:
     args, work = parse_with_common(ap)
     target = load("default")
     undistilled, _ = derive_draft(target, args.draft_layers, None, log=print)
-    distilled, info = derive_draft(target, args.draft_layers, DistillConfig(minutes=args.distill_minutes), log=print)
+    distilled, info = derive_draft(target, args.draft_layers,
+                                   DistillConfig(minutes=args.distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS),
+                                   DEFAULT_HEAD_TOKENS, log=print)
     rows = []
     for set_name in ("humaneval", "prose"):
         tokens = calibration_tokens(target.tokenizer, prompt_set(set_name, args.prompts))
         before = greedy_agreement(target.model, undistilled.model, tokens, args.agree_tokens)[0]
-        after = greedy_agreement(target.model, distilled.model, tokens, args.agree_tokens)[0]
+        after = greedy_agreement(target.model, distilled.model, tokens, args.agree_tokens, distilled.head_ids)[0]
         rows.append((set_name, before, after))
         print(f"{set_name}: agreement {before:.1%} -> {after:.1%}")
     costs = {}
@@ -55,7 +57,8 @@ def _report(args, info: dict, rows: list, costs: dict) -> str:
         f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_draft.py --prompts {args.prompts} "
         f"--quants {' '.join(args.quants)} --write-docs`.",
         f"Draft: layers {info['layers']} of the target's 30 (chosen by measured agreement / log-likelihood), the "
-        "target's embeddings and LM head; distilled on the CPU against the target's top-32 distributions on "
+        f"target's embeddings and an LM head over the {DEFAULT_HEAD_TOKENS} tokens the target writes most; distilled "
+        "through that head on the CPU against the target's top-32 distributions on "
         f"{d.get('corpus_answer_tokens', '?')} tokens the target wrote for a mixed code/prose prompt set "
         f"({d.get('corpus_seconds', '?')} s generating, {d.get('train_seconds', '?')} s / {d.get('train_steps', '?')} "
         f"steps training: {(d.get('corpus_seconds', 0) + d.get('train_seconds', 0)) / 60:.1f} min within a "

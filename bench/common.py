@@ -44,20 +44,23 @@ def prompt_set(name: str, n: int) -> list[str]:
 
 def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     """The default model's bundle for `quant` under `work`, exported once and reused."""
+    from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
+
     distill_minutes = kwargs.pop("distill_minutes", 0)
     out = work / f"smollm2-{quant}{''.join(f'-{k}{v}' for k, v in sorted(kwargs.items()))}"
-    if kwargs.get("derive_layers") and distill_minutes:
-        out = out.with_name(out.name + f"-distill{distill_minutes:g}")
+    distill = None
+    if kwargs.get("derive_layers") and distill_minutes:  # as `edge-export --target default` derives its draft
+        out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}")
+        distill = DistillConfig(minutes=distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS)
+        kwargs["draft_head_tokens"] = DEFAULT_HEAD_TOKENS
     if (out / "manifest.json").is_file():
         return out
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle
-    from edgespec.export.distill import DistillConfig
     from edgespec.export.sources import load
 
     if "default" not in loaded_cache:
         loaded_cache["default"] = load("default")
-    distill = DistillConfig(minutes=distill_minutes) if kwargs.get("derive_layers") and distill_minutes else None
     return export_bundle("default", out, options=ExportOptions(quant=quant, max_context=2048), parity=False,
                          preloaded=loaded_cache, distill=distill, **kwargs)
 

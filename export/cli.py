@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--distill-minutes must be >= 0, got {args.distill_minutes}")
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
                       derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
-                      distill=DistillConfig(minutes=args.distill_minutes) if derive else None,
+                      distill=DistillConfig(minutes=args.distill_minutes, head_tokens=args.draft_head_tokens)
+                      if derive else None,
                       draft_head_tokens=args.draft_head_tokens if derive and args.distill_minutes > 0 else None)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)

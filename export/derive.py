@@ -78,9 +78,14 @@ def calibration_tokens(tokenizer, prompts: list[str] = CALIBRATION_PROMPTS) -> l
     return out
 
 
-def greedy_agreement(target, draft, token_lists: list[list[int]], new_tokens: int = 32) -> tuple[float, float]:
+def greedy_agreement(target, draft, token_lists: list[list[int]], new_tokens: int = 32,
+                     head_ids: np.ndarray | None = None) -> tuple[float, float]:
     """Along the target's greedy path: share of positions where the draft's argmax equals the target's,
-    and the draft's mean log-probability of the target's token (a smooth tie-breaker when both are near 0)."""
+    and the draft's mean log-probability of the target's token (a smooth tie-breaker when both are near 0).
+
+    `head_ids` measures a draft that runs with a head restricted to those tokens (the others get
+    probability 0, as in the runtime).
+    """
     import torch
 
     agree = total = 0
@@ -90,9 +95,14 @@ def greedy_agreement(target, draft, token_lists: list[list[int]], new_tokens: in
             seq = target.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                                   min_new_tokens=new_tokens, pad_token_id=0)
             t = target(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-            d = draft(seq).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+            logits = draft(seq).logits[0, len(ids) - 1:-1].float()
+            if head_ids is not None:
+                listed = torch.full_like(logits, float("-inf"))
+                listed[:, torch.from_numpy(np.asarray(head_ids))] = 0.0
+                logits = logits + listed
+            d = logits.log_softmax(-1)
             agree += int((t == d.argmax(-1)).sum())
-            logp += float(d.gather(1, t[:, None]).sum())
+            logp += float(d.gather(1, t[:, None]).clamp(min=-100.0).sum())
             total += len(t)
     return agree / max(total, 1), logp / max(total, 1)
 
@@ -136,16 +146,19 @@ def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, he
 
         info["distillation"] = distill(loaded.model, loaded.tokenizer, derived.model, best, distill_config, log=log)
         derived = refresh_weights(derived)
-        info["agreement_after_distillation"] = greedy_agreement(loaded.model, derived.model, token_lists)[0]
+        if head_tokens:
+            derived = _restrict_head(derived, head_tokens, distill_config, info, log)
+        info["agreement_after_distillation"] = greedy_agreement(loaded.model, derived.model, token_lists,
+                                                                head_ids=derived.head_ids)[0]
         log(f"draft agreement with the target: {info['agreement_before_distillation']:.1%} before distillation, "
             f"{info['agreement_after_distillation']:.1%} after")
-    if head_tokens:
+    elif head_tokens:
         derived = _restrict_head(derived, head_tokens, distill_config, info, log)
     return derived, info
 
 
 def _restrict_head(draft: LoadedModel, n: int, distill_config, info: dict, log) -> LoadedModel:
-    from edgespec.export.distill import Corpus, default_cache_dir, head_tokens
+    from edgespec.export.distill import Corpus, default_cache_dir, eos_ids, head_tokens
 
     if "distillation" not in info:
         raise ExportError("--draft-head-tokens chooses the head's tokens from the distillation corpus: "
@@ -153,12 +166,13 @@ def _restrict_head(draft: LoadedModel, n: int, distill_config, info: dict, log) 
     if not 1 <= n < draft.spec.vocab_size:
         raise ExportError(f"--draft-head-tokens must be in 1..{draft.spec.vocab_size - 1}, got {n}")
     cache = distill_config.cache_dir or default_cache_dir()
-    path = cache / f"{info['distillation']['cache_key']}.corpus.npz"
+    path = cache / f"{info['distillation']['corpus_key']}.corpus.npz"
     if not path.is_file():
         raise ExportError(f"the distillation corpus {path} is gone from the cache; delete the matching "
                           f"{info['distillation']['cache_key']}.draft.safetensors there to distil again")
     corpus = Corpus.load(path)
-    ids = head_tokens(corpus, draft.spec.vocab_size, n, draft.spec.eos_token_ids)
+    # the same choice distillation trained through (export/distill.py), so the head matches its training
+    ids = head_tokens(corpus, draft.spec.vocab_size, n, eos_ids(draft.model, draft.tokenizer))
     weights = dict(draft.weights, lm_head=draft.weights["lm_head"][ids])
     covered = float(np.isin(corpus.topk_ids[:, 0], ids).mean())
     info["head_tokens"] = {"count": int(len(ids)), "corpus_top1_covered": covered}

@@ -11,10 +11,13 @@ Steps, each cached under the user's cache directory and resumable after a kill:
    prompt); the top-k of its log-probabilities at every generated position is kept (the corpus is
    saved after every generation batch);
 2. training: soft cross-entropy of the draft against those top-k distributions (KL up to the
-   target's entropy), bf16 autocast, AdamW; the trainable weights and optimizer moments are
-   checkpointed every `checkpoint_seconds`;
+   target's entropy), bf16 autocast, AdamW with a warm-up and a cosine decay over the time budget;
+   the trainable weights and optimizer moments are checkpointed every `checkpoint_seconds`. With
+   `head_tokens`, the draft is trained through the restricted head it will run with (the tokens the
+   target writes most): its logits cost a sixth of the full head's, so the budget buys more steps;
 3. the distilled weights are stored under a key of the target's weights, the layer choice and the
-   settings, so a second export with the same settings loads them in a second.
+   settings, so a second export with the same settings loads them in a second. The corpus has its
+   own key (the target and the generation settings only), so changing a training setting reuses it.
 Everything is saved with safetensors / npz (no pickle) and written atomically.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -50,7 +54,9 @@ class DistillConfig:
     top_k: int = 32
     gen_batch: int = 32
     train_batch: int = 8
-    lr: float = 4e-4
+    lr: float = 5e-4  # peak; warm-up over the first `warmup` of the training time, then cosine decay to 0
+    warmup: float = 0.05
+    head_tokens: int = 0  # train through a head of this many tokens (chosen from the corpus); 0: the full head
     seed: int = 0
     checkpoint_seconds: float = 60.0
     max_steps: int | None = None  # also stop after this many steps (reproducible runs for tests and experiments)
@@ -64,6 +70,11 @@ class DistillConfig:
         fields.pop("checkpoint_seconds")
         return fields
 
+    def corpus_fields(self) -> dict:
+        """Settings that change the corpus: generation settings and the budget share it may take."""
+        training = ("train_batch", "lr", "warmup", "head_tokens", "max_steps")
+        return {k: v for k, v in self.key_fields().items() if k not in training}
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("EDGESPEC_CACHE") or os.path.join(
@@ -71,14 +82,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "drafts"
 
 
-def cache_key(target_model, layers: list[int], config: DistillConfig) -> str:
-    """Hash of the target's weights, the kept layers and the settings."""
+def weights_digest(target_model) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(target_model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps({"layers": layers, **config.key_fields()}, sort_keys=True).encode())
-    return h.hexdigest()[:20]
+    return h.hexdigest()
+
+
+def cache_key(weights: str, fields: dict) -> str:
+    """Hash of the target's weights digest and the settings (plus, for a draft, its kept layers)."""
+    return hashlib.sha256(json.dumps({"weights": weights, **fields}, sort_keys=True).encode()).hexdigest()[:20]
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -148,7 +162,7 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
 
     corpus = Corpus.load(path) if path.is_file() else Corpus.empty(config.top_k)
     jobs = _generation_jobs(config.prompts, config.samples_per_prompt)
-    eos = set(_eos_ids(target_model, tokenizer))
+    eos = set(eos_ids(target_model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     start_jobs = corpus.prompts_done
     while (corpus.prompts_done < len(jobs) and corpus.answer_tokens < config.corpus_tokens
@@ -202,7 +216,7 @@ def _encode(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += [gen] if isinstance(gen, int) else list(gen or [])
@@ -251,20 +265,39 @@ def _batch(corpus: Corpus, rows: np.ndarray):
     return ids, torch.from_numpy(np.concatenate(b_idx)), torch.from_numpy(np.concatenate(col)), np.concatenate(ans)
 
 
-def distill_loss(student, corpus: Corpus, rows: np.ndarray):
-    """Soft cross-entropy against the target's top-k distribution; also returns top-1 agreement."""
+def distill_loss(student, corpus: Corpus, rows: np.ndarray, head_ids: np.ndarray | None = None):
+    """Soft cross-entropy against the target's top-k distribution; also returns top-1 agreement.
+
+    With `head_ids` the draft's logits cover only those tokens (as at run time); target tokens outside
+    them carry no loss, since the draft cannot propose them anyway.
+    """
     import torch
 
     ids, b_idx, col, ans = _batch(corpus, rows)
+    top_ids = corpus.topk_ids[ans].astype(np.int64)
+    p = torch.from_numpy(corpus.topk_logp[ans].astype(np.float32)).exp()
+    weight = student.lm_head.weight
+    if head_ids is not None:
+        weight = weight[torch.from_numpy(head_ids)]
+        index = np.searchsorted(head_ids, top_ids).clip(max=len(head_ids) - 1)
+        listed = head_ids[index] == top_ids
+        p = p * torch.from_numpy(listed)
+        top_ids = np.where(listed, index, -1)
+    top_ids = torch.from_numpy(top_ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        logits = student.lm_head(hidden[b_idx, col])  # the head only where the target's distribution is known
+        logits = torch.nn.functional.linear(hidden[b_idx, col], weight)  # only where the target's distribution is known
     logq = logits.float().log_softmax(-1)
-    top_ids = torch.from_numpy(corpus.topk_ids[ans].astype(np.int64))
-    p = torch.from_numpy(corpus.topk_logp[ans].astype(np.float32)).exp()
-    loss = -(p * logq.gather(1, top_ids)).sum(-1).mean()
+    loss = -(p * logq.gather(1, top_ids.clamp(min=0))).sum(-1).mean()
     agree = (logq.argmax(-1) == top_ids[:, 0]).float().mean().item()
     return loss, agree
+
+
+def learning_rate(config: DistillConfig, progress: float) -> float:
+    """Linear warm-up, then cosine decay to 0 at the end of the budget (`progress` in [0, 1])."""
+    if progress < config.warmup:
+        return config.lr * max(progress, 1e-3) / config.warmup
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - config.warmup) / (1.0 - config.warmup))))
 
 
 def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
@@ -285,7 +318,7 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
 
 
 def train(student, corpus: Corpus, config: DistillConfig, seconds: float, checkpoint: Path,
-          log: Callable[[str], None]) -> dict:
+          log: Callable[[str], None], head_ids: np.ndarray | None = None) -> dict:
     """Train until `seconds` of training time are spent in total (a checkpoint's time counts)."""
     import torch
     from tqdm import tqdm
@@ -311,7 +344,12 @@ def train(student, corpus: Corpus, config: DistillConfig, seconds: float, checkp
         while state["seconds"] < seconds and state["step"] < (config.max_steps or 1 << 62):
             t0 = time.perf_counter()
             rows = rng.choice(n_seqs, size=min(config.train_batch, n_seqs), replace=False)
-            loss, agree = distill_loss(student, corpus, rows)
+            progress = state["seconds"] / seconds if seconds > 0 else 1.0
+            if config.max_steps:
+                progress = max(progress, state["step"] / config.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(config, progress)
+            loss, agree = distill_loss(student, corpus, rows, head_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
@@ -367,7 +405,9 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
 
     cache = config.cache_dir or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(target_model, layers, config)
+    weights = weights_digest(target_model)
+    key = cache_key(weights, {"layers": layers, **config.key_fields()})
+    corpus_key = cache_key(weights, config.corpus_fields())
     final = cache / f"{key}.draft.safetensors"
     params = trainable_parameters(student)
     if final.is_file():
@@ -376,11 +416,11 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
             for name, p in params.items():
                 p.copy_(tensors[name])
         log(f"distill: loaded cached distilled draft {final}")
-        return {**meta["info"], "cache": "hit", "cache_key": key}
+        return {**meta["info"], "cache": "hit", "cache_key": key, "corpus_key": corpus_key}
     torch.manual_seed(config.seed)
     budget = config.minutes * 60.0
     t_start = time.perf_counter()
-    corpus_path = cache / f"{key}.corpus.npz"
+    corpus_path = cache / f"{corpus_key}.corpus.npz"
     prior = Corpus.load(corpus_path).seconds if corpus_path.is_file() else 0.0
     corpus = build_corpus(target_model, tokenizer, config, corpus_path,
                           t_start + max(0.0, budget * config.corpus_share - prior), log)
@@ -388,11 +428,14 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
         raise ExportError("the distillation budget ended before any corpus text was generated; raise --distill-minutes")
     train_seconds = max(0.0, budget - corpus.seconds)
     checkpoint = cache / f"{key}.ckpt.safetensors"
-    state = train(student, corpus, config, train_seconds, checkpoint, log)
+    head_ids = None
+    if config.head_tokens:
+        head_ids = head_tokens(corpus, student.config.vocab_size, config.head_tokens, eos_ids(target_model, tokenizer))
+    state = train(student, corpus, config, train_seconds, checkpoint, log, head_ids)
     info = {"minutes_budget": config.minutes, "corpus_answer_tokens": corpus.answer_tokens,
             "corpus_seconds": round(corpus.seconds, 1), "train_steps": state["step"],
             "train_seconds": round(state["seconds"], 1), "corpus_top1_agreement": state["agreement"],
             "wall_seconds_this_run": round(time.perf_counter() - t_start, 1)}
     _save_tensors(final, params, {"info": info})
     checkpoint.unlink(missing_ok=True)  # the final weights supersede it; the corpus stays (head token choice)
-    return {**info, "cache": "written", "cache_key": key}
+    return {**info, "cache": "written", "cache_key": key, "corpus_key": corpus_key}

@@ -106,7 +106,7 @@ def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
     assert not list(tmp_path.glob("*.ckpt.safetensors")), "the checkpoint is removed once the final weights exist"
 
 
-def test_restricted_draft_head_is_lossless(tiny_target, distill_cache, tmp_path):
+def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distill_cache, tmp_path):
     import numpy as np
 
     from edgespec.export.bundle import ExportOptions
@@ -115,12 +115,19 @@ def test_restricted_draft_head_is_lossless(tiny_target, distill_cache, tmp_path)
     from edgespec.runtime.model import UNLISTED
 
     bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
-                           derive_layers=1, distill=_config(distill_cache), draft_head_tokens=40,
+                           derive_layers=1, distill=_config(distill_cache, head_tokens=64), draft_head_tokens=64,
                            options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
     engine = Engine.load(bundle)
+    derived = engine.manifest.raw["models"]["draft"]["extra"]["derived"]
+    # a new training setting trains again but reuses the corpus that the first test generated
+    assert derived["distillation"]["cache"] == "written" and derived["distillation"]["train_steps"] > 0
+    assert list(distill_cache.glob(f"{derived['distillation']['corpus_key']}.corpus.npz"))
+    assert len(list(distill_cache.glob("*.corpus.npz"))) == 1
+    # measured with the 64-token head it runs with
+    assert derived["agreement_after_distillation"] >= derived["agreement_before_distillation"] + 0.05, derived
     head = engine.draft.head_ids
-    assert head is not None and len(head) == 40
-    assert engine.manifest.raw["models"]["draft"]["graphs"]["fused"]["outputs"][0]["shape"][-1] == 40
+    assert head is not None and len(head) == 64
+    assert engine.manifest.raw["models"]["draft"]["graphs"]["fused"]["outputs"][0]["shape"][-1] == 64
     logits = engine.draft.forward([5, 6, 7]).copy()
     outside = np.setdiff1d(np.arange(engine.draft.vocab_size), head)
     assert (logits[:, outside] == UNLISTED).all() and np.isfinite(logits[:, head]).all()
