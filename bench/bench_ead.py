@@ -119,8 +119,10 @@ def slower_spec(rows: list[dict]) -> list[str]:
         if r["mode"] == "ead-spec":
             ead = by[(r["set"], "ead", r["tau"])]
             if r["tok_s"] < ead["tok_s"]:
+                same = " (the large model never took over: both modes ran the same passes)" \
+                    if r["large_share"] == 0 and ead["large_share"] == 0 else ""
                 out.append(f"{r['set']} τ={fmt_tau(r['tau'])}: {r['tok_s']} vs {ead['tok_s']} tok/s "
-                           f"({r['tok_s'] / ead['tok_s']:.2f}×)")
+                           f"({r['tok_s'] / ead['tok_s']:.2f}×){same}")
     return out
 
 
@@ -235,9 +237,10 @@ def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overla
         "prompt prefill when it first takes over (which `ar` pays too). The large model's stretches of `ead-spec` "
         "run staged steps (runtime/staged.py): the small model drafts when its measured acceptance pays for its "
         "passes, otherwise the n-gram proposal is verified directly, so at τ = 0 `ead-spec` is `staged` and `ead` "
-        "is `ar` (both after the small model's prompt prefill). Where `ead-spec` is still slower than `ead`, it is "
-        "on prose, where n-gram proposals are rarely accepted and their rejected rows plus the draft's probes cost "
-        "more than they return. All sessions stop their worker threads spinning when a pass ends "
+        "is `ar` (both after the small model's prompt prefill). Where `ead-spec` is slower than `ead` with the large "
+        "model active, it is on prose, where n-gram proposals are rarely accepted and their rejected rows plus the "
+        "draft's probes cost more than they return; differences of 1-2 % are within this shared machine's noise "
+        "between interleaved runs. All sessions stop their worker threads spinning when a pass ends "
         "(docs/speculative.md); before that, a draft pass slowed the next 3-4 target passes 1.5-2x on this 2-core "
         "machine.",
         "",

@@ -105,9 +105,10 @@ class SpecStats:
 
     def _best_k(self, limit: int, draft_seconds: float | None, target_seconds: float | None) -> int:
         c = self.draft_cost_ratio(draft_seconds, target_seconds)
+        alpha = self.alpha
         best_k, best = 0, 1.0 / self.verify_cost(1)
         for k in range(1, min(self.k_max, limit) + 1):
-            s = expected_tokens(self.alpha, k) / (k * c + self.verify_cost(k + 1))
+            s = expected_tokens(alpha, k) / (k * c + self.verify_cost(k + 1))
             if s > best:
                 best_k, best = k, s
         return best_k
