@@ -33,11 +33,18 @@ class Reference:
 
 
 def torch_reference(loaded: LoadedModel, new_tokens: int = 32, prompts: list[str] | None = None) -> Reference:
-    """Greedy continuations and their teacher-forced fp32 logits from the torch model."""
+    """Greedy continuations and their teacher-forced fp32 logits from the torch model.
+
+    A draft with a restricted head continues greedily over its head's tokens only, as its graph does:
+    trained through that head, its other logits are untrained and would lead the text astray.
+    """
     import torch
 
     tok = loaded.tokenizer
     seqs, plens, logits = [], [], []
+    restrict = {}
+    if loaded.head_ids is not None:
+        restrict["suppress_tokens"] = np.setdiff1d(np.arange(loaded.spec.vocab_size), loaded.head_ids).tolist()
     for prompt in prompts or PARITY_PROMPTS:
         if tok.chat_template:
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -47,7 +54,7 @@ def torch_reference(loaded: LoadedModel, new_tokens: int = 32, prompts: list[str
         ids = tok(text, add_special_tokens=False).input_ids
         with torch.no_grad():
             out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                                        min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id or 0)
+                                        min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id or 0, **restrict)
             full = out[0].tolist()
             lg = loaded.model(torch.tensor([full])).logits[0].float().numpy()
         seqs.append(full)
