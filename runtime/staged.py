@@ -80,10 +80,19 @@ class StagedDrafter:
         self.state, self.stats, self.drafter = state, stats, drafter
         self.width = int(state.options.get("ngram_width", 2))
         self.ngram_proposed = self.ngram_accepted = 0
+        self.curve = state.options.get("draft_cost_curve")
+        self.estimated_seconds = 0.0  # the draft's passes so far, priced by its cost curve (catch-ups included)
+
+    def _price(self, rows: int) -> None:
+        if self.curve:
+            self.estimated_seconds += interpolate(self.curve, rows)
 
     def path(self, depth: int) -> list[int]:
         """The draft's greedy continuation of `state.tokens`, `depth` tokens long (draft KV kept in step)."""
         draft, tokens = self.state.draft, self.state.tokens
+        lag = len(tokens) - 1 - min(draft.length, len(tokens) - 1)
+        for start in range(0, lag, draft.max_chunk):  # after direct steps the draft first catches up
+            self._price(min(draft.max_chunk, lag - start))
         catch_up(draft, tokens, keep_last=1)
         path: list[int] = []
         pending = tokens[-1]
@@ -96,6 +105,7 @@ class StagedDrafter:
                 tree.add(0, alt)
             start = draft.length
             logits = draft.forward(tree.tokens, positions=tree.position_ids(start), mask=tree.attention_mask())
+            self._price(len(tree.tokens))
             q = distributions(self.state, logits, [path] * len(tree.tokens))
             kept, nxt = tree.walk(lambda node, q=q: int(np.argmax(q[node])))
             draft.keep(start, kept)
@@ -128,7 +138,7 @@ class StagedStep:
         """Commit the next tokens; returns them and the target's logits for each."""
         state, stats, draft = self.state, self.stats, self.state.draft
         catch_up(state.target, state.tokens, keep_last=1)
-        draft_s, target_s = _path_token_seconds(state, self.draft_tokens, self.draft_passes_before)
+        draft_s, target_s = _path_token_seconds(state, self.stage2.estimated_seconds, self.draft_tokens)
         limit = min(state.target.capacity, state.target.max_chunk, draft.capacity) - 1
         depth = int(self.fixed) if self.fixed is not None else stats.choose_k(limit, draft_s, target_s)
         depth = max(0, min(depth, limit))
@@ -176,10 +186,16 @@ def _merge_histograms(out: dict, direct: SpecStats) -> None:
     out["tokens_per_target_pass_all_steps"] = sum(k * v for k, v in merged.items()) / steps if steps else 0.0
 
 
-def _path_token_seconds(state: DecodeState, path_tokens: int, passes_before: int) -> tuple[float | None, float | None]:
-    """Draft seconds per path token and target seconds per pass, from cached curves and pass counts only."""
+def _path_token_seconds(state: DecodeState, draft_seconds: float,
+                        path_tokens: int) -> tuple[float | None, float | None]:
+    """Draft seconds per path token and target seconds per pass, priced by the cached cost curves.
+
+    The draft's price includes its catch-up passes: after a stretch of direct n-gram steps the draft
+    first feeds every token it missed, which a path of a few tokens must pay for (counting only the
+    tree passes priced drafting too low). Curves, not clocks, keep the choice reproducible.
+    """
     draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
     if not draft or not target:
         return None, None
-    passes_per_token = (state.draft.stats.passes - passes_before) / path_tokens if path_tokens else 1.0
-    return passes_per_token * interpolate(draft, 4), target[1]
+    per_token = draft_seconds / path_tokens if path_tokens else interpolate(draft, 4)
+    return per_token, target[1]

@@ -232,13 +232,15 @@ def test_adaptive_size_follows_acceptance_and_cost():
     picks = [bad.choose_k(12, 0.3, 1.0) for _ in range(40)]
     assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 idle steps
     gaps = []
-    for accepted in (0, 0, 0, 0, 1):  # failed probes double the wait up to 128; an accepted one resets it
+    for accepted in (0, 0, 1, 0, 1):  # every probe doubles the wait up to 128, accepted or not
         waited = 1
         while bad.choose_k(12, 0.3, 1.0) == 0:
             waited += 1
         gaps.append(waited)
         bad.record_step(drafted=1, accepted=accepted, target_tokens=2)
-    assert gaps[1:] == [32, 64, 128, 128] and bad.gap == 16
+    assert gaps[1:] == [32, 64, 128, 128] and bad.gap == 128
+    bad.record_step(drafted=3, accepted=3, target_tokens=4)  # a step that drafted because drafting paid
+    assert bad.gap == 16
     weak_prior = SpecStats(out={}, prior_alpha=0.1, target_curve=flat)  # export said: this draft cannot pay
     first_probe = next(i for i in range(1, 200) if weak_prior.choose_k(12, 0.3, 1.0))
     assert first_probe == 128
