@@ -31,7 +31,7 @@ def main() -> None:
     undistilled, _ = derive_draft(target, args.draft_layers, None, log=print)
     distilled, info = derive_draft(target, args.draft_layers,
                                    DistillConfig(minutes=args.distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS),
-                                   DEFAULT_HEAD_TOKENS, log=print)
+                                   log=print)
     rows = []
     for set_name in ("humaneval", "prose"):
         tokens = calibration_tokens(target.tokenizer, prompt_set(set_name, args.prompts))

@@ -52,7 +52,6 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     if kwargs.get("derive_layers") and distill_minutes:  # as `edge-export --target default` derives its draft
         out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}")
         distill = DistillConfig(minutes=distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS)
-        kwargs["draft_head_tokens"] = DEFAULT_HEAD_TOKENS
     if (out / "manifest.json").is_file():
         return out
     from edgespec.export.bundle import ExportOptions

@@ -26,8 +26,7 @@ from edgespec.export.errors import ExportError
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
                   parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None,
-                  ngram_tokens: int = 0, distill: DistillConfig | None = None,
-                  draft_head_tokens: int | None = None) -> Path:
+                  ngram_tokens: int = 0, distill: DistillConfig | None = None) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
@@ -62,7 +61,7 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
             raise ExportError("--derive-draft and --draft are alternatives; pass one")
         from edgespec.export.derive import derive_draft
 
-        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, draft_head_tokens,
+        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill,
                                                      log=options.log)
     tmp = staging_dir(out)
     try:
@@ -197,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
                       derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
                       distill=DistillConfig(minutes=args.distill_minutes, head_tokens=args.draft_head_tokens)
-                      if derive else None,
-                      draft_head_tokens=args.draft_head_tokens if derive and args.distill_minutes > 0 else None)
+                      if derive else None)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

@@ -119,17 +119,19 @@ def candidate_subsets(n_layers: int, k: int) -> list[list[int]]:
     return out
 
 
-def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, head_tokens: int | None = None,
-                 log=print) -> tuple[LoadedModel, dict]:
+def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, log=print) -> tuple[LoadedModel, dict]:
     """Pick the layer subset that agrees best with the target, then distil it if `distill_config` asks to.
 
     Returns the draft and what was measured (agreement before and after distillation, on prompts that
-    are neither the distillation corpus nor the benchmarks'). `head_tokens` cuts the draft's LM head to
-    the tokens the target actually writes (chosen from the distillation corpus): in a shallow draft of a
-    large-vocabulary model the head costs more than the layers.
+    are neither the distillation corpus nor the benchmarks'). `distill_config.head_tokens` cuts the draft's
+    LM head to the tokens the target actually writes (chosen from the distillation corpus): in a shallow
+    draft of a large-vocabulary model the head costs more than the layers.
     """
     if not 1 <= n_layers < loaded.spec.num_layers:
         raise ExportError(f"--draft-layers must be in 1..{loaded.spec.num_layers - 1}, got {n_layers}")
+    head = distill_config.head_tokens if distill_config is not None else 0
+    if head and not 1 <= head < loaded.spec.vocab_size:  # checked before the budget is spent, not after
+        raise ExportError(f"--draft-head-tokens must be in 1..{loaded.spec.vocab_size - 1}, got {head}")
     token_lists = calibration_tokens(loaded.tokenizer)
     results = {}
     for layers in candidate_subsets(loaded.spec.num_layers, n_layers):
@@ -146,33 +148,26 @@ def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, he
 
         info["distillation"] = distill(loaded.model, loaded.tokenizer, derived.model, best, distill_config, log=log)
         derived = refresh_weights(derived)
-        if head_tokens:
-            derived = _restrict_head(derived, head_tokens, distill_config, info, log)
+        if distill_config.head_tokens:
+            derived = _restrict_head(derived, distill_config, info, log)
         info["agreement_after_distillation"] = greedy_agreement(loaded.model, derived.model, token_lists,
                                                                 head_ids=derived.head_ids)[0]
         log(f"draft agreement with the target: {info['agreement_before_distillation']:.1%} before distillation, "
             f"{info['agreement_after_distillation']:.1%} after")
-    elif head_tokens:
-        derived = _restrict_head(derived, head_tokens, distill_config, info, log)
     return derived, info
 
 
-def _restrict_head(draft: LoadedModel, n: int, distill_config, info: dict, log) -> LoadedModel:
-    from edgespec.export.distill import Corpus, default_cache_dir, eos_ids, head_tokens
+def _restrict_head(draft: LoadedModel, distill_config, info: dict, log) -> LoadedModel:
+    from edgespec.export.distill import Corpus, default_cache_dir, draft_head_ids
 
-    if "distillation" not in info:
-        raise ExportError("--draft-head-tokens chooses the head's tokens from the distillation corpus: "
-                          "give --distill-minutes > 0")
-    if not 1 <= n < draft.spec.vocab_size:
-        raise ExportError(f"--draft-head-tokens must be in 1..{draft.spec.vocab_size - 1}, got {n}")
+    n = distill_config.head_tokens
     cache = distill_config.cache_dir or default_cache_dir()
     path = cache / f"{info['distillation']['corpus_key']}.corpus.npz"
     if not path.is_file():
         raise ExportError(f"the distillation corpus {path} is gone from the cache; delete the matching "
                           f"{info['distillation']['cache_key']}.draft.safetensors there to distil again")
     corpus = Corpus.load(path)
-    # the same choice distillation trained through (export/distill.py), so the head matches its training
-    ids = head_tokens(corpus, draft.spec.vocab_size, n, eos_ids(draft.model, draft.tokenizer))
+    ids = draft_head_ids(corpus, draft.model, draft.tokenizer, n)  # the head distillation trained through
     weights = dict(draft.weights, lm_head=draft.weights["lm_head"][ids])
     covered = float(np.isin(corpus.topk_ids[:, 0], ids).mean())
     info["head_tokens"] = {"count": int(len(ids)), "corpus_top1_covered": covered}

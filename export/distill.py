@@ -223,6 +223,11 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+def draft_head_ids(corpus: Corpus, model, tokenizer, n: int) -> np.ndarray:
+    """The head a derived draft trains through and is exported with: one choice for both."""
+    return head_tokens(corpus, model.config.vocab_size, n, eos_ids(model, tokenizer))
+
+
 def head_tokens(corpus: Corpus, vocab_size: int, n: int, always: list[int]) -> np.ndarray:
     """The `n` token ids that carry most of the target's probability mass over the corpus, plus `always`.
 
@@ -430,7 +435,7 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
     checkpoint = cache / f"{key}.ckpt.safetensors"
     head_ids = None
     if config.head_tokens:
-        head_ids = head_tokens(corpus, student.config.vocab_size, config.head_tokens, eos_ids(target_model, tokenizer))
+        head_ids = draft_head_ids(corpus, target_model, tokenizer, config.head_tokens)
     state = train(student, corpus, config, train_seconds, checkpoint, log, head_ids)
     info = {"minutes_budget": config.minutes, "corpus_answer_tokens": corpus.answer_tokens,
             "corpus_seconds": round(corpus.seconds, 1), "train_steps": state["step"],

@@ -156,24 +156,27 @@ def decode_ead_spec(state: DecodeState) -> Iterator[list[int]]:
     ctl = _controller(state)
     staged = StagedStep(state)
     small, large = state.draft, state.target
-    while True:
-        tokens = state.tokens
-        if ctl.active == "small":
-            logits = _catch_up_counted(ctl, state, small, tokens)
-            ctl.observe(entropy_bits(logits))
-            if not ctl.decide(len(tokens)):
-                token = state.next_token(logits)
-                ctl.produced(1)
-                yield [token]
-                continue
-        before = large.length
-        emitted, target_logits = staged()
-        caught_up = large.length - before - len(emitted)
-        if caught_up > 0:
-            ctl.catch_up_tokens += caught_up
-            ctl.catch_up_passes += 1
-        for row in target_logits[:len(emitted)]:
-            ctl.observe(entropy_bits(row))
-        ctl.produced(len(emitted))
-        ctl.decide(len(tokens) + len(emitted))
-        yield emitted
+    try:
+        while True:
+            tokens = state.tokens
+            if ctl.active == "small":
+                logits = _catch_up_counted(ctl, state, small, tokens)
+                ctl.observe(entropy_bits(logits))
+                if not ctl.decide(len(tokens)):
+                    token = state.next_token(logits)
+                    ctl.produced(1)
+                    yield [token]
+                    continue
+            before = large.length
+            emitted, target_logits = staged()
+            caught_up = large.length - before - len(emitted)
+            if caught_up > 0:
+                ctl.catch_up_tokens += caught_up
+                ctl.catch_up_passes += 1
+            for row in target_logits[:len(emitted)]:
+                ctl.observe(entropy_bits(row))
+            ctl.produced(len(emitted))
+            ctl.decide(len(tokens) + len(emitted))
+            yield emitted
+    finally:  # the engine closes the generator before it reads the stats
+        staged.publish()

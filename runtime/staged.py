@@ -154,10 +154,10 @@ class StagedStep:
             proposal = self.drafter.propose([], k)
             stats.add_time("draft", time.perf_counter() - t0)
             emitted = _verify(state, self.direct, proposal)
-        self.publish()
         return emitted
 
     def publish(self) -> None:
+        """Write the staged stats into the result; called once when decoding ends, not per step."""
         stage2 = self.stage2
         self.state.stats["staged"] = {
             "ngram_proposed": stage2.ngram_proposed, "ngram_accepted_by_draft": stage2.ngram_accepted,
@@ -172,8 +172,11 @@ class StagedStep:
 def decode_staged(state: DecodeState) -> Iterator[list[int]]:
     step = StagedStep(state)
     _start(state, step.stats)
-    while True:
-        yield step()[0]
+    try:
+        while True:
+            yield step()[0]
+    finally:  # the engine closes the generator before it reads the stats
+        step.publish()
 
 
 def _merge_histograms(out: dict, direct: SpecStats) -> None:

@@ -115,7 +115,7 @@ def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distil
     from edgespec.runtime.model import UNLISTED
 
     bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
-                           derive_layers=1, distill=_config(distill_cache, head_tokens=64), draft_head_tokens=64,
+                           derive_layers=1, distill=_config(distill_cache, head_tokens=64),
                            options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
     engine = Engine.load(bundle)
     derived = engine.manifest.raw["models"]["draft"]["extra"]["derived"]
