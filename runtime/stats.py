@@ -86,8 +86,9 @@ class SpecStats:
         that the acceptance estimate can recover when the text becomes predictable again. Each probe
         doubles the wait (up to `probe_every_max`) until drafting pays by itself again: a probe costs
         the draft's catch-up over every token since the last one, and one accepted token does not
-        make drafting pay (measured: probes reset by single accepted tokens cost `staged` ~8 % of its
-        time on HumanEval with our 39 %-agreement draft, for 15 drafted steps in 311). When the prior
+        make drafting pay (timing each pass: probes reset by single accepted tokens cost `staged` ~8 %
+        of its time on 4 HumanEval prompts with our 39 %-agreement draft, for 15 drafted steps in 311;
+        docs/benchmarks.md has the side-by-side ratios after the change). When the prior
         alone (the draft's agreement measured at export) already says drafting does not pay, the wait
         starts at `probe_every_max`: the first probe's catch-up is the draft's whole prompt prefill.
         """
@@ -126,7 +127,7 @@ class SpecStats:
         """Cost of a k-token target pass relative to a 1-token pass (1.0 when unmeasured).
 
         Memoised: choose_k asks for every k at every step, and interpolating the curve each time
-        cost ~0.3 ms per decoded token."""
+        took ~0.3 ms per decoded token under cProfile (staged, prose)."""
         cost = self.verify_costs.get(k)
         if cost is None:
             if not self.target_curve:
