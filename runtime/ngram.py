@@ -50,6 +50,11 @@ class ContextLookup:
 
     def propose(self, context_tail: Sequence[int] = (), max_tokens: int = 8) -> list[int]:
         """Continuation after the latest earlier match of the longest suffix of tokens + `context_tail`."""
+        return self.match(context_tail, max_tokens)[0]
+
+    def match(self, context_tail: Sequence[int] = (), max_tokens: int = 8) -> tuple[list[int], int]:
+        """The continuation and the length of the suffix that matched (0: none); a longer match is a
+        far safer guess (runtime/ngram_sizing.py)."""
         self.sync()
         seq = self.tokens
         tail = list(context_tail)
@@ -66,8 +71,8 @@ class ContextLookup:
                 end = self._prev.get(key)  # the suffix itself is the latest occurrence
             if end is None or end >= len(seq):
                 continue
-            return list(seq[end:end + max_tokens])
-        return []
+            return list(seq[end:end + max_tokens]), n
+        return [], 0
 
 
 @dataclass
@@ -188,9 +193,15 @@ class NgramDrafter:
 
     def propose(self, tail: Sequence[int], max_tokens: int) -> list[int]:
         """A chain of up to `max_tokens` guesses continuing `lookup.tokens + tail`."""
+        return self.propose_sourced(tail, max_tokens)[0]
+
+    def propose_sourced(self, tail: Sequence[int], max_tokens: int) -> tuple[list[int], list[str]]:
+        """The chain and where each token came from: "ctx<n>" (copied after an n-token context match,
+        n up to the lookup's max_n) or "table" (the trigram table's best guess)."""
         if max_tokens <= 0:
-            return []
-        out = self.lookup.propose(tail, max_tokens)
+            return [], []
+        out, n = self.lookup.match(tail, max_tokens)
+        sources = [f"ctx{n}"] * len(out)
         if self.model is not None:
             context = list(self.lookup.tokens[-2:]) + list(tail) + out
             while len(out) < max_tokens:
@@ -198,8 +209,9 @@ class NgramDrafter:
                 if not best or best[0][1] < 0.2:
                     break
                 out.append(best[0][0])
+                sources.append("table")
                 context.append(best[0][0])
-        return out
+        return out, sources
 
     def alternatives(self, tail: Sequence[int], exclude: int | None, n: int) -> list[int]:
         """The table's other likely next tokens, for side branches of a draft tree."""

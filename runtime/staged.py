@@ -26,6 +26,7 @@ from edgespec.runtime.accept import verify_deterministic
 from edgespec.runtime.costs import interpolate
 from edgespec.runtime.decoding import DecodeState, catch_up
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
+from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.speculative import distributions, require_draft
 from edgespec.runtime.stats import SpecStats
 from edgespec.runtime.tree import DraftTree
@@ -61,16 +62,43 @@ def _start(state: DecodeState, stats: SpecStats) -> None:
 def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
     """Model-free speculation: the n-gram drafter proposes straight to the target."""
     stats = SpecStats.attach(state)
-    drafter = _drafter(state)
+    direct = DirectNgram(state, stats, _drafter(state))
     _start(state, stats)
-    fixed = state.options.get("k")
-    while True:
-        limit = min(state.target.capacity, state.target.max_chunk) - 1
-        k = int(fixed) if fixed is not None else stats.choose_k(limit, draft_seconds=0.0, target_seconds=1.0)
+    try:
+        while True:
+            limit = min(state.target.capacity, state.target.max_chunk) - 1
+            yield direct.step(direct.propose(limit))[0]
+    finally:
+        state.stats["speculative"]["ngram_sources"] = direct.sizing.summary()
+
+
+class DirectNgram:
+    """The n-gram proposal verified by the target straight away, cut to the length its sources pay for
+    (runtime/ngram_sizing.py); a fixed `k` option proposes up to k tokens uncut, for experiments."""
+
+    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
+        self.state, self.stats, self.drafter = state, stats, drafter
+        self.sizing = SourceAcceptance()
+        self.fixed = state.options.get("k")
+
+    def propose(self, limit: int) -> tuple[list[int], list[str], float]:
+        """Tokens, their sources, and the expected tokens per unit of target cost of verifying them."""
         t0 = time.perf_counter()
-        proposal = drafter.propose([], max(0, min(k, limit)))
-        stats.add_time("draft", time.perf_counter() - t0)
-        yield _verify(state, stats, proposal)[0]
+        if self.fixed is not None:
+            tokens, sources = self.drafter.propose_sourced([], max(0, min(int(self.fixed), limit)))
+            value = 0.0
+        else:
+            tokens, sources = self.drafter.propose_sourced([], max(0, min(self.stats.k_max, limit)))
+            k, value = self.sizing.best_length(sources, self.stats.verify_cost)
+            tokens, sources = tokens[:k], sources[:k]
+        self.stats.add_time("draft", time.perf_counter() - t0)
+        return tokens, sources, value
+
+    def step(self, proposal: tuple[list[int], list[str], float]) -> tuple[list[int], np.ndarray]:
+        tokens, sources, _ = proposal
+        emitted = _verify(self.state, self.stats, tokens)
+        self.sizing.record(sources, len(emitted[0]) - 1)
+        return emitted
 
 
 class StagedDrafter:
@@ -126,9 +154,9 @@ class StagedStep:
         require_draft(state, "staged")
         self.state = state
         self.stats = SpecStats.attach(state)
-        self.direct = SpecStats(out={}, prior_alpha=float(state.options.get("ngram_prior_alpha", 0.6)),
-                                target_curve=self.stats.target_curve)
+        self.direct_stats = SpecStats(out={}, target_curve=self.stats.target_curve)
         self.drafter = _drafter(state)
+        self.direct = DirectNgram(state, self.direct_stats, self.drafter)
         self.stage2 = StagedDrafter(state, self.stats, self.drafter)
         self.fixed = state.options.get("depth", state.options.get("k"))
         self.draft_tokens = 0
@@ -140,21 +168,21 @@ class StagedStep:
         catch_up(state.target, state.tokens, keep_last=1)
         draft_s, target_s = _path_token_seconds(state, self.stage2.estimated_seconds, self.draft_tokens)
         limit = min(state.target.capacity, state.target.max_chunk, draft.capacity) - 1
-        depth = int(self.fixed) if self.fixed is not None else stats.choose_k(limit, draft_s, target_s)
+        if self.fixed is not None:
+            depth, path_value, direct = int(self.fixed), 0.0, None
+        else:
+            depth, path_value = stats.choose(limit, draft_s, target_s)
+            direct = self.direct.propose(limit)
         depth = max(0, min(depth, limit))
-        t0 = time.perf_counter()
-        if depth:
+        if depth and (direct is None or stats.probing or path_value > direct[2]):
+            t0 = time.perf_counter()
             path = self.stage2.path(depth)
             stats.add_time("draft", time.perf_counter() - t0)
             self.draft_tokens += len(path)
             emitted = _verify(state, stats, path)
             draft.rollback(min(draft.length, state.target.length))
-        else:
-            k = max(0, min(self.direct.choose_k(limit, 0.0, 1.0), limit))
-            proposal = self.drafter.propose([], k)
-            stats.add_time("draft", time.perf_counter() - t0)
-            emitted = _verify(state, self.direct, proposal)
-        return emitted
+            return emitted
+        return self.direct.step(direct if direct is not None else self.direct.propose(limit))
 
     def publish(self) -> None:
         """Write the staged stats into the result; called once when decoding ends, not per step."""
@@ -164,9 +192,10 @@ class StagedStep:
             "stage2_acceptance": stage2.ngram_accepted / max(stage2.ngram_proposed, 1),
             "draft_passes_per_path_token":
                 (self.state.draft.stats.passes - self.draft_passes_before) / max(self.draft_tokens, 1),
-            "draft_path_steps": self.stats.steps, "ngram_direct_steps": self.direct.steps,
-            "ngram_direct": self.direct.out.get("speculative", {})}
-        _merge_histograms(self.state.stats["speculative"], self.direct)
+            "draft_path_steps": self.stats.steps, "ngram_direct_steps": self.direct_stats.steps,
+            "ngram_direct": self.direct_stats.out.get("speculative", {}),
+            "ngram_sources": self.direct.sizing.summary()}
+        _merge_histograms(self.state.stats["speculative"], self.direct_stats)
 
 
 def decode_staged(state: DecodeState) -> Iterator[list[int]]:

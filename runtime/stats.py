@@ -92,7 +92,13 @@ class SpecStats:
         alone (the draft's agreement measured at export) already says drafting does not pay, the wait
         starts at `probe_every_max`: the first probe's catch-up is the draft's whole prompt prefill.
         """
-        k = self._best_k(limit, draft_seconds, target_seconds)
+        return self.choose(limit, draft_seconds, target_seconds)[0]
+
+    def choose(self, limit: int, draft_seconds: float | None = None,
+               target_seconds: float | None = None) -> tuple[int, float]:
+        """`choose_k`'s length and its expected tokens per unit of target cost (draft passes priced in),
+        so a caller can weigh it against another proposal (staged: the n-gram proposal on its own)."""
+        k, value = self._best_k(limit, draft_seconds, target_seconds)
         if not self.prior_checked:
             self.prior_checked = True
             if k == 0 and self.accepted + self.rejections == 0:
@@ -101,22 +107,25 @@ class SpecStats:
         if k == 0 and self.idle >= self.gap and limit >= 1:
             self.idle = 0
             self.probing = True
-            return 1
-        return k
+            return 1, self._value(1, self.draft_cost_ratio(draft_seconds, target_seconds), self.alpha)
+        return k, value
 
     @property
     def gap(self) -> int:
         return self.probe_gap or self.probe_every
 
-    def _best_k(self, limit: int, draft_seconds: float | None, target_seconds: float | None) -> int:
+    def _best_k(self, limit: int, draft_seconds: float | None, target_seconds: float | None) -> tuple[int, float]:
         c = self.draft_cost_ratio(draft_seconds, target_seconds)
         alpha = self.alpha
         best_k, best = 0, 1.0 / self.verify_cost(1)
         for k in range(1, min(self.k_max, limit) + 1):
-            s = expected_tokens(alpha, k) / (k * c + self.verify_cost(k + 1))
+            s = self._value(k, c, alpha)
             if s > best:
                 best_k, best = k, s
-        return best_k
+        return best_k, best
+
+    def _value(self, k: int, c: float, alpha: float) -> float:
+        return expected_tokens(alpha, k) / (k * c + self.verify_cost(k + 1))
 
     def draft_cost_ratio(self, draft_seconds: float | None, target_seconds: float | None) -> float:
         if draft_seconds is not None and target_seconds:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter, NgramModel
+from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.tree import DraftTree
 
 
@@ -58,6 +59,33 @@ def test_drafter_chains_lookup_then_table():
     out = drafter.propose([], 4)
     assert out[:2] == [7, 8] and len(out) == 4
     assert drafter.alternatives([], exclude=7, n=2) and 7 not in drafter.alternatives([], exclude=7, n=2)
+
+
+def test_lookup_and_drafter_say_where_each_token_came_from():
+    tokens = [5, 6, 7, 8, 9, 5, 6, 7]
+    assert ContextLookup(tokens).match(max_tokens=2) == ([8, 9], 3)  # the suffix 5 6 7 matched
+    assert ContextLookup([1, 2, 3]).match(max_tokens=2) == ([], 0)
+    model = NgramModel.build([[8, 7, 4, 4, 4, 4]], vocab_size=12)
+    out, sources = NgramDrafter(ContextLookup([7, 8, 7]), model).propose_sourced([], 4)
+    assert out == [8, 7, 4, 4] and sources == ["ctx1", "ctx1", "table", "table"]  # the copy runs out, the table goes on
+
+
+def test_sizing_sends_strong_copies_long_and_weak_guesses_not_at_all():
+    def cost(rows):  # our int8 target: a 2-row pass costs ~1.17x a 1-row pass
+        return 1.0 + 0.17 * (rows - 1)
+
+    sizing = SourceAcceptance()
+    k, value = sizing.best_length(["ctx4"] * 8, cost)
+    assert k >= 4 and value > 1.5
+    assert sizing.best_length(["table"] * 4, cost) == (0, 1.0)
+    assert sizing.best_length(["ctx4", "ctx4", "table", "table"], cost)[0] == 2
+    weak_start = sizing.best_length(["ctx1"] * 4, cost)[0]
+    for _ in range(20):  # a source that keeps being accepted earns longer proposals
+        sizing.record(["ctx1"] * 4, accepted=4)
+    assert sizing.best_length(["ctx1"] * 4, cost)[0] > weak_start
+    sizing.record(["ctx2", "ctx2", "ctx2"], accepted=1)  # the third token was never judged
+    assert sizing.tried["ctx2"] == 2 and sizing.accepted["ctx2"] == 1
+    assert sizing.summary()["ctx2"] == {"tried": 2, "accepted": 1, "rate": 0.5}
 
 
 def test_draft_tree_mask_positions_and_walk():

@@ -59,6 +59,13 @@ def test_ngram_mode_speeds_up_repetition(pair):
     assert r.token_ids == ar.token_ids
     if ar.text.startswith("efgh"):
         assert r.stats["speculative"]["tokens_per_target_pass"] > 1.5
+    sized = pair.generate(prompt, max_new_tokens=40, mode="ngram")  # proposals cut by per-source acceptance
+    assert sized.token_ids == ar.token_ids
+    sources = sized.stats["speculative"]["ngram_sources"]
+    assert sources and all(0 <= s["accepted"] <= s["tried"] for s in sources.values())
+    spec = sized.stats["speculative"]
+    assert sum(s["accepted"] for s in sources.values()) == spec["accepted"]  # every accepted token has a source
+    assert spec["accepted"] <= sum(s["tried"] for s in sources.values()) <= spec["drafted"]
 
 
 @pytest.mark.parametrize("mode, options", [("spec", {}), ("spec", {"k": 0}), ("spec", {"k": 3}), ("staged", {}),
