@@ -63,5 +63,10 @@ def cached_cost_curve(runner: ModelRunner, cache_dir: Path, key: str) -> dict[in
 
 
 def interpolate(curve: dict[int, float], k: int) -> float:
+    """Seconds of a k-token pass: linear between measured sizes, and beyond the largest one along the
+    last segment's slope (a 128-token catch-up chunk costs about 4x a 32-token pass, not the same)."""
     xs = sorted(curve)
+    if k > xs[-1] and len(xs) > 1:
+        slope = (curve[xs[-1]] - curve[xs[-2]]) / (xs[-1] - xs[-2])
+        return float(curve[xs[-1]] + slope * (k - xs[-1]))
     return float(np.interp(k, xs, [curve[x] for x in xs]))

@@ -251,3 +251,13 @@ def test_adaptive_size_follows_acceptance_and_cost():
     weak_prior = SpecStats(out={}, prior_alpha=0.1, target_curve=flat)  # export said: this draft cannot pay
     first_probe = next(i for i in range(1, 200) if weak_prior.choose_k(12, 0.3, 1.0))
     assert first_probe == 128
+
+
+def test_cost_curve_extrapolates_past_its_largest_measured_pass():
+    """Catch-up chunks reach 128 tokens while the curve is measured to 32: pricing them as 32 understated them 4x."""
+    from edgespec.runtime.costs import interpolate
+
+    curve = {1: 1.0, 16: 2.6, 32: 4.2}
+    assert interpolate(curve, 24) == pytest.approx(3.4)
+    assert interpolate(curve, 128) == pytest.approx(4.2 + 0.1 * 96)
+    assert interpolate({1: 2.0}, 8) == 2.0
