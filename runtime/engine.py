@@ -68,6 +68,7 @@ class Engine:
         self.cost_curves: dict[str, dict[int, float]] = {}
         self.threads = 0  # set by load(); part of the cost-curve cache key
         self.target_pass_size_invariant = all(g.pass_size_invariant for g in manifest.target.graphs.values())
+        self.pass_check: dict | None = None  # this machine's verdict on that (runtime/selfcheck.py)
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | dict = "auto", threads: int | None = None,
@@ -136,10 +137,30 @@ class Engine:
         from edgespec.runtime.costs import cached_cost_curve
 
         runner = self.target if role == "target" else self.draft
+        return cached_cost_curve(runner, self.manifest.root / CACHE_DIR, self._cache_key(role))
+
+    def check_pass_sizes(self) -> dict:
+        """This machine's verdict on whether the target computes a row alike in passes of every size
+        (runtime/selfcheck.py): from the bundle cache, or checked now (seconds, once per bundle, provider,
+        thread count and onnxruntime version). Passes are capped at the largest size found safe, for
+        every mode, so that `ar` and the speculative modes split the same work into the same passes.
+        """
+        if self.pass_check is None:
+            import onnxruntime
+
+            from edgespec.runtime.bundle import CACHE_DIR
+            from edgespec.runtime.selfcheck import cached_pass_check
+
+            key = f"{self._cache_key('target')}-ort{onnxruntime.__version__}"
+            self.pass_check = cached_pass_check(self.target, self.manifest.root / CACHE_DIR, key)
+            self.target.max_chunk = min(self.target.max_chunk, max(1, int(self.pass_check["max_rows"])))
+        return self.pass_check
+
+    def _cache_key(self, role: str) -> str:
+        runner = self.target if role == "target" else self.draft
         info = self.manifest.models[role]
         digest = self.manifest.files.get(next(iter(info.graphs.values())).file, "")[:12]
-        key = f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}"
-        return cached_cost_curve(runner, self.manifest.root / CACHE_DIR, key)
+        return f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}"
 
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""
@@ -196,6 +217,12 @@ class ChatSession:
             raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
                               f"{engine.max_context} (prompt plus at least one new token)")
         on_text = options.pop("on_text", None)
+        if engine.target_pass_size_invariant:
+            check = engine.check_pass_sizes()
+            if mode in SPECULATIVE_MODES and check["max_rows"] < 2:
+                raise ModeError(f'mode="{mode}" cannot reproduce mode="ar" on this machine: onnxruntime computes '
+                                f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
+                                'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
         if mode in COSTED_MODES and not engine.cost_curves:
             engine.cost_curves = {role: engine.cost_curve(role) for role in ("target", "draft")
                                   if role == "target" or engine.draft is not None}

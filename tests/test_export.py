@@ -20,6 +20,7 @@ from edgespec.export.sources import default_gguf_path
 from edgespec.runtime.bundle import load_manifest, sha256_file
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import ModelRunner, SessionConfig
+from edgespec.runtime.selfcheck import pass_size_mismatches
 
 
 def _dims(value_info) -> list:
@@ -235,6 +236,7 @@ def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4)
             results.append(np.concatenate([runner.forward(seq[i:i + step]).copy() for i in range(0, len(seq), step)]))
         for other in results[1:]:
             np.testing.assert_array_equal(results[0], other, err_msg=bundle.name)
+        assert pass_size_mismatches(runner)[1] == [], bundle.name  # the runtime's own check agrees
 
 
 @pytest.mark.parametrize("quant, device", [("fp16", "cpu"), ("qdq", "npu"), ("int8", "cpu"), ("int4", "cpu")])

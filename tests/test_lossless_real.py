@@ -19,3 +19,4 @@ def test_humaneval_subset_spec_staged_ngram_identical_to_ar(default_int8):
         for mode, options in (("spec", {}), ("spec", {"k": 4}), ("staged", {"depth": 6}), ("ngram", {})):
             r = engine.generate(prompt, max_new_tokens=128, chat=True, mode=mode, **options)
             assert r.token_ids == ar.token_ids, f"prompt {i}, {mode} {options}"
+    assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == 128
