@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from edgespec.runtime.decoding import DecodeState, decode_ar
 from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
 from edgespec.runtime.sampling import SamplingParams
 from edgespec.runtime.text import BundleTokenizer
+
+log = logging.getLogger("edgespec.runtime")
 
 MODES: dict[str, Callable] = {"ar": decode_ar}
 
@@ -153,7 +156,12 @@ class Engine:
 
             key = f"{self._cache_key('target')}-ort{onnxruntime.__version__}"
             self.pass_check = cached_pass_check(self.target, self.manifest.root / CACHE_DIR, key)
-            self.target.max_chunk = min(self.target.max_chunk, max(1, int(self.pass_check["max_rows"])))
+            if self.target.fused:
+                self.target.max_chunk = min(self.target.max_chunk, max(1, int(self.pass_check["max_rows"])))
+            elif self.pass_check["mismatched"]:
+                log.warning("this bundle's static target graphs compute a row apart in %d-row and one-row passes "
+                            "on this machine: speculative modes match mode='ar' only up to rounding at near-ties",
+                            min(self.pass_check["mismatched"]))
         return self.pass_check
 
     def _cache_key(self, role: str) -> str:
@@ -219,7 +227,7 @@ class ChatSession:
         on_text = options.pop("on_text", None)
         if engine.target_pass_size_invariant:
             check = engine.check_pass_sizes()
-            if mode in SPECULATIVE_MODES and check["max_rows"] < 2:
+            if mode in SPECULATIVE_MODES and check["max_rows"] < 2 and engine.target.fused:
                 raise ModeError(f'mode="{mode}" cannot reproduce mode="ar" on this machine: onnxruntime computes '
                                 f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
                                 'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
@@ -317,6 +325,8 @@ class ChatSession:
             "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
             "peak_rss_bytes": _peak_rss(),
         })
+        if mode in SPECULATIVE_MODES and engine.pass_check is not None:  # False: equal to `ar` only up to rounding
+            stats["pass_size_invariant"] = not engine.pass_check["mismatched"]
         if "ead" in stats:
             from edgespec.runtime.ead import add_ar_ratio
 

@@ -222,6 +222,13 @@ class ModelRunner:
         self.length = 0
         self.stats = PassStats()
 
+    @property
+    def fused(self) -> bool:
+        """One graph for every pass length; a static-shape target (NPU bundles) runs a one-token pass and a
+        k-token pass through different graphs, so the pass-size check (runtime/selfcheck.py) may find
+        rounding apart between them that capping pass sizes cannot remove."""
+        return all(slot.info.variant == "fused" for slot in self._slots)
+
     @classmethod
     def open(cls, manifest: Manifest, role: str, config: SessionConfig | None = None, graph: str = "fused",
              max_chunk: int = 128) -> ModelRunner:
