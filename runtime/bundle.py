@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,17 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-CACHE_DIR = "cache"  # inside the bundle; not checksummed (optimized graphs, cost curves)
+CACHE_DIR = "cache"  # inside the bundle; not checksummed (optimized graphs, cost curves, the pass-size check)
+
+
+def save_cache_json(path: Path, data) -> None:
+    """Write a measurement into the bundle cache atomically; a read-only bundle just measures again next time."""
+    if not os.access(path.parent.parent, os.W_OK):
+        return
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 class BundleError(Exception):

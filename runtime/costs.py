@@ -8,12 +8,12 @@ measured once per bundle, model and thread count, and reused.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgespec.runtime.bundle import save_cache_json
 from edgespec.runtime.model import ModelRunner
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -54,11 +54,7 @@ def cached_cost_curve(runner: ModelRunner, cache_dir: Path, key: str) -> dict[in
         except (ValueError, json.JSONDecodeError):
             path.unlink(missing_ok=True)
     curve = measure_cost_curve(runner)
-    if os.access(cache_dir.parent, os.W_OK):
-        cache_dir.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(curve))
-        os.replace(tmp, path)
+    save_cache_json(path, curve)
     return curve
 
 

@@ -12,11 +12,11 @@ disagree the lossless modes refuse to run instead of silently drifting from `ar`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from edgespec.runtime.bundle import save_cache_json
 from edgespec.runtime.model import ModelRunner
 
 SIZES = (2, 3, 4, 5, 8, 12, 16, 24, 32, 48, 64, 96, 127, 128)
@@ -70,9 +70,5 @@ def cached_pass_check(runner: ModelRunner, cache_dir: Path, key: str) -> dict:
     checked, mismatched = pass_size_mismatches(runner)
     verdict = {"checked": checked, "mismatched": mismatched,
                "max_rows": safe_rows(checked, mismatched, runner.max_chunk)}
-    if os.access(cache_dir.parent, os.W_OK):
-        cache_dir.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(verdict))
-        os.replace(tmp, path)
+    save_cache_json(path, verdict)
     return verdict
