@@ -139,8 +139,11 @@ class Engine:
         from edgespec.runtime.bundle import CACHE_DIR
         from edgespec.runtime.costs import cached_cost_curve
 
-        runner = self.target if role == "target" else self.draft
-        return cached_cost_curve(runner, self.manifest.root / CACHE_DIR, self._cache_key(role))
+        if role == "target":
+            return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, self._cache_key(role))
+        # the draft's passes are timed after a target pass each, as they run when drafting
+        return cached_cost_curve(self.draft, self.manifest.root / CACHE_DIR, self._cache_key(role) + "-after-target",
+                                 between=self.target)
 
     def check_pass_sizes(self) -> dict:
         """This machine's verdict on whether the target computes a row alike in passes of every size

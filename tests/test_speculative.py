@@ -261,3 +261,20 @@ def test_cost_curve_extrapolates_past_its_largest_measured_pass():
     assert interpolate(curve, 24) == pytest.approx(3.4)
     assert interpolate(curve, 128) == pytest.approx(4.2 + 0.1 * 96)
     assert interpolate({1: 2.0}, 8) == 2.0
+
+
+def test_draft_cost_curve_is_timed_after_target_passes_and_cached(tiny_pair_bundle, tmp_path):
+    """The draft's passes run right after the target's when drafting, so its curve is measured that way too."""
+    import shutil
+
+    from edgespec.runtime.costs import measure_cost_curve
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_pair_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
+    engine = Engine.load(bundle)
+    engine.target.prefill([5, 6, 7])
+    curve = measure_cost_curve(engine.draft, sizes=(1, 4), repeats=1, between=engine.target)
+    assert set(curve) == {1, 4} and all(v > 0 for v in curve.values())
+    assert engine.target.length == 0 and engine.draft.length == 0  # both re-fed by the next generation
+    engine.generate("ab ab ab", max_new_tokens=8, mode="staged")
+    assert len(list((bundle / "cache").glob("cost-curve.draft-*-after-target.json"))) == 1
