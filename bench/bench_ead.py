@@ -237,10 +237,11 @@ def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overla
         "prompt prefill when it first takes over (which `ar` pays too). The large model's stretches of `ead-spec` "
         "run staged steps (runtime/staged.py): the small model drafts when its measured acceptance pays for its "
         "passes, otherwise the n-gram proposal is verified directly, so at τ = 0 `ead-spec` is `staged` and `ead` "
-        "is `ar` (both after the small model's prompt prefill). Where `ead-spec` is slower than `ead` with the large "
-        "model active, it is on prose, where n-gram proposals are rarely accepted and their rejected rows plus the "
-        "draft's probes cost more than they return; differences of 1-2 % are within this shared machine's noise "
-        "between interleaved runs. All sessions stop their worker threads spinning when a pass ends "
+        "is `ar` (both after the small model's prompt prefill). The draft's price comes from its cost curve timed "
+        "after target passes, as it runs (docs/speculative.md); priced back to back, it looked cheap enough to draft "
+        "at prose's 25-30 % acceptance, which cost `ead-spec` 4-5 % against `ead` there. Differences of 1-2 % are "
+        "within this shared machine's noise between interleaved runs. All sessions stop their worker threads "
+        "spinning when a pass ends "
         "(docs/speculative.md); before that, a draft pass slowed the next 3-4 target passes 1.5-2x on this 2-core "
         "machine.",
         "",
