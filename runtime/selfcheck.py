@@ -62,11 +62,12 @@ def cached_pass_check(runner: ModelRunner, cache_dir: Path, key: str) -> dict:
     if path.is_file():
         try:
             verdict = json.loads(path.read_text())
-            if {"checked", "mismatched", "max_rows"} <= set(verdict):
+            if (isinstance(verdict, dict) and isinstance(verdict.get("max_rows"), int)
+                    and all(isinstance(verdict.get(k), list) for k in ("checked", "mismatched"))):
                 return verdict
-        except json.JSONDecodeError:
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
             pass
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # unreadable or from another layout: check again
     checked, mismatched = pass_size_mismatches(runner)
     verdict = {"checked": checked, "mismatched": mismatched,
                "max_rows": safe_rows(checked, mismatched, runner.max_chunk)}

@@ -34,6 +34,9 @@ def test_check_passes_on_our_graph_and_is_kept_in_the_bundle_cache(tiny_bundle, 
     again = capped.generate("def f(x):", max_new_tokens=20)
     assert capped.target.max_chunk == 16 and again.token_ids == ar.token_ids
     assert capped.generate("def f(x):", max_new_tokens=20, mode="ngram").token_ids == ar.token_ids
+    cached.write_text('{"checked": [2], "mismat')  # a truncated verdict is checked again, not trusted or fatal
+    assert Engine.load(bundle).generate("def f(x):", max_new_tokens=20).token_ids == ar.token_ids
+    assert json.loads(cached.read_text())["max_rows"] == 128
 
 
 def test_a_target_whose_rows_depend_on_the_pass_is_refused_for_speculation(tiny_bundle, tmp_path):
