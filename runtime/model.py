@@ -289,6 +289,9 @@ class ModelRunner:
             raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
                                    f"{self.length} are used and this pass needs {max(n, self.min_rows)} more")
         slot, width = self._shapes[n]
+        if mask is not None and not slot.info.tree_mask and not np.array_equal(mask, np.tri(n, dtype=bool)):
+            raise ValueError(f"the {self.role} graph is causal: it ignores attention_mask and cannot run a tree pass "
+                             "(targets verify a path, docs/speculative.md)")
         if n == 1 and positions is None and mask is None:
             self._bind_step(slot, int(tokens[0]))
         else:

@@ -86,10 +86,10 @@ def test_static_and_fused_graphs_agree_with_torch(tiny_dir, tiny_bundle, tiny_np
         np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=graph)
 
 
-def test_tree_mask_matches_separate_chains(tiny_bundle):
-    """A tree pass (2-D mask + explicit positions) gives each node the logits of its own chain."""
-    manifest = load_manifest(tiny_bundle)
-    runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
+def test_tree_mask_matches_separate_chains(tiny_pair_bundle):
+    """A draft's tree pass (2-D mask + explicit positions) gives each node the logits of its own chain."""
+    manifest = load_manifest(tiny_pair_bundle)
+    runner = ModelRunner.open(manifest, "draft", SessionConfig(cache_optimized=False))
     prefix = [5, 9, 14, 20, 7]
     runner.forward(prefix)
     # tree: root r=11 with children 12 and 13; 12 has child 15.  chains: r,12,15 and r,13
@@ -116,6 +116,28 @@ def test_tree_mask_matches_separate_chains(tiny_bundle):
     runner.rollback(start)
     runner.forward([11, 12, 15])
     np.testing.assert_allclose(after_tree, runner.forward([30]), atol=1e-5)
+
+
+def test_target_graph_is_causal_and_refuses_a_tree(tiny_pair_bundle):
+    """The target only verifies paths: its graph pads attention but builds no tree bias, and says so."""
+    manifest = load_manifest(tiny_pair_bundle)
+    for role, has_bias in (("target", False), ("draft", True)):
+        graph = manifest.raw["models"][role]["graphs"]["fused"]
+        assert graph["tree_mask"] is has_bias
+        model = onnx.load(str(tiny_pair_bundle / graph["file"]), load_external_data=False)
+        attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert attention and all(bool(n.input[10]) is has_bias for n in attention)
+    assert any(n.op_type == "Pad" for n in onnx.load(str(tiny_pair_bundle / "target/fused.onnx"),
+                                                     load_external_data=False).graph.node)
+    runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
+    runner.forward([5, 9, 14])
+    chain = runner.forward([11, 12], positions=np.array([3, 4]), mask=np.tri(2, dtype=bool)).copy()
+    runner.rollback(3)
+    np.testing.assert_array_equal(chain, runner.forward([11, 12]))
+    runner.rollback(3)
+    with pytest.raises(ValueError, match="causal"):
+        tree = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # two children of one root
+        runner.forward([11, 12, 13], positions=np.array([3, 4, 4]), mask=tree)
 
 
 def _run_export(*args: str) -> subprocess.CompletedProcess:
