@@ -181,8 +181,8 @@ def main() -> None:
                 "`int4-rtn` re-quantizes like genai's builder (RTN, block 32, 4-bit LM head: `edge-export "
                 "--no-gguf-exact --lm-head-bits 4`), so it is the like-for-like row; its greedy output drifts from "
                 "the GGUF model's (design/feasibility.md). `-ar-only` rows are the same weights in a target graph "
-                "for plain decoding (`--ar-only`): no attention padding and no tree bias, which the other graphs "
-                "carry so that their logits do not depend on pass size (needed for lossless speculation, "
+                "for plain decoding (`--ar-only`): no attention padding, which the other target graphs carry so "
+                "that their logits do not depend on pass size (needed for lossless speculation, "
                 "docs/kv-interface.md). The Q4_1 rows also pay an exact per-block offset term "
                 "`blocksum(A) @ (m + 8d)ᵀ` per linear that symmetric RTN weights do not need (~2 ms per pass)."]
         write_section("ar", "\n".join(body))
