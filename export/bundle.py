@@ -92,19 +92,23 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
         feeds = calibration(model) if calibration else None
         return (quantize_qdq(model, feeds, activation_type=options.qdq_activations),
                 {"method": "qdq", "activations": options.qdq_activations, "weights": "uint8"})
+    from edgespec.quant.embedding import quantize_embedding
+
     bits = 4 if q == "int4" else 8
     if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
         from edgespec.quant.gguf_exact import carry_gguf_blocks
         try:
             model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec)
-            return model, {"method": "int4", "accuracy_level": 4, **info}
+            model, embedding = quantize_embedding(model, exact_only=True)
+            return model, {"method": "int4", "accuracy_level": 4, **info, **embedding}
         except ExportError as exc:
             options.log(f"note: GGUF blocks not carried over exactly ({exc}); re-quantizing with RTN")
     from edgespec.quant.weight_only import quantize_weight_only
     model = quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4,
                                  lm_head_bits=options.lm_head_bits)
+    model, embedding = quantize_embedding(model)
     return model, {"method": q, "weights": "rtn", "bits": bits, "block_size": options.block_size,
-                   "lm_head_bits": options.lm_head_bits, "accuracy_level": 4}
+                   "lm_head_bits": options.lm_head_bits, "accuracy_level": 4, **embedding}
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:

@@ -243,6 +243,7 @@ def test_default_quantized_parity(default_int8, default_int4):
         assert parity["top1_agreement"] >= floor
     int4 = load_manifest(default_int4).target.quantization
     assert int4.get("weights") == "gguf-exact"
+    assert int4["embedding_max_error"] == 0.0  # SmolLM2's table is Q8_0 in the GGUF: 8-bit blocks keep it exact
 
 
 @pytest.mark.slow
@@ -272,6 +273,10 @@ def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, dev
         assert graph["parity"]["positions"] == 160
         # a tiny random model with wide weights (chance is 1/84); the real model's bounds are tested below
         assert graph["parity"]["top1_agreement"] > 0.25
+    if quant in ("int4", "int8"):  # the fp32 table would outweigh the quantized layers
+        for graph in manifest.raw["models"]["target"]["graphs"].values():
+            model = onnx.load(str(out / graph["file"]), load_external_data=False)
+            assert [n.op_type for n in model.graph.node if n.name == "embed_tokens"] == ["GatherBlockQuantized"]
     r = Engine.load(out).generate("hello", max_new_tokens=6)
     assert len(r.token_ids) == 6
 

@@ -12,6 +12,7 @@ from tiny import make_tiny_model_dir
 
 from edgespec.export.graph import build_decoder
 from edgespec.export.sources import load
+from edgespec.quant.embedding import q8_blocks, quantize_embedding
 from edgespec.quant.fp16 import to_fp16
 from edgespec.quant.gguf_exact import UnsupportedGGUFError, carry_gguf_blocks
 from edgespec.quant.qdq import MASK_FLOOR, calibration_feeds, quantize_qdq
@@ -347,3 +348,28 @@ def test_fp16_keeps_fp32_io_and_runs_with_shared_kv_buffers(fused, tokens):
         assert rel_err(got, ref) < 5e-3
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     assert fused.graph.initializer[0].data_type == TensorProto.FLOAT, "the input model must not be modified"
+
+
+# ---- 8-bit embedding table ----
+
+def test_q8_embedding_is_exact_for_a_q8_0_table_and_close_otherwise(tiny, tokens):
+    raw = tiny.weights["embed_tokens"]
+    q8_0 = gguf.quants.dequantize(gguf.quants.quantize(raw, Q.Q8_0), Q.Q8_0)  # what transformers loads
+    codes, scales = q8_blocks(q8_0)
+    back = (codes.astype(np.float32) - 128).reshape(len(q8_0), -1, 32) * scales[..., None]
+    assert np.array_equal(back.reshape(q8_0.shape), q8_0)
+
+    graph = build_decoder(tiny.spec, dict(tiny.weights, embed_tokens=q8_0), tiny.rope(MAX_CONTEXT), MAX_CONTEXT)
+    exact, info = quantize_embedding(graph, exact_only=True)
+    assert [n.op_type for n in exact.graph.node if n.name == "embed_tokens"] == ["GatherBlockQuantized"]
+    assert info["embedding_max_error"] == 0.0
+    np.testing.assert_array_equal(run_fused(exact, tokens, 3), run_fused(graph, tokens, 3))
+
+    fp32_graph = build_decoder(tiny.spec, tiny.weights, tiny.rope(MAX_CONTEXT), MAX_CONTEXT)
+    kept, info = quantize_embedding(fp32_graph, exact_only=True)  # a GGUF-exact bundle keeps an inexact table
+    assert kept is fp32_graph and info["embedding"].startswith("fp32")
+    rounded, info = quantize_embedding(fp32_graph)
+    step = np.abs(raw).reshape(len(raw), -1, 32).max(-1) / 127
+    assert 0 < info["embedding_max_error"] <= 0.51 * step.max()
+    ref = run_fused(fp32_graph, tokens, 3)
+    assert rel_err(run_fused(rounded, tokens, 3), ref) < 0.02
