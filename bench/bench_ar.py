@@ -38,11 +38,43 @@ def memcpy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_pass(bundle: Path) -> int:
-    """Bytes of weights one decode pass streams: graph data minus the embedding table (a Gather reads one row)."""
+    """Bytes of weights one decode pass streams: the target's initializers minus its embedding table, of which a
+    Gather reads one row (fp32 in older bundles, 8-bit blocks now)."""
+    import onnx
+
     manifest = json.loads((bundle / "manifest.json").read_text())
-    spec = manifest["models"]["target"]["spec"]
-    data = sum((bundle / g["data_file"]).stat().st_size for g in manifest["models"]["target"]["graphs"].values())
-    return data - spec["vocab_size"] * spec["hidden_size"] * 4
+    total = 0
+    for graph in manifest["models"]["target"]["graphs"].values():
+        model = onnx.load(str(bundle / graph["file"]), load_external_data=False)
+        for t in model.graph.initializer:
+            if not t.name.startswith("embed_tokens.weight"):
+                ext = {e.key: e.value for e in t.external_data}
+                total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+PEAK_RSS = """import resource, sys
+from edgespec import Engine
+Engine.load(sys.argv[1]).generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), chat=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+GENAI_PEAK_RSS = """import resource, sys
+import onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=2048, do_sample=False)
+gen = og.Generator(model, params)
+gen.append_tokens(tokenizer.encode(sys.argv[2]))
+for _ in range(int(sys.argv[3])):
+    gen.generate_next_token()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+
+
+def peak_rss_mb(path: Path, prompt: str, max_new_tokens: int, genai: bool = False) -> float:
+    """Peak resident memory of a fresh process that loads the model and generates: weights, KV, arenas."""
+    out = subprocess.run([sys.executable, "-c", GENAI_PEAK_RSS if genai else PEAK_RSS, str(path), prompt,
+                          str(max_new_tokens)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
 
 
 RTN_LIKE_GENAI = {"gguf_exact": False, "lm_head_bits": 4}  # genai builder's default int4: RTN block 32, 4-bit head
@@ -132,7 +164,8 @@ def main() -> None:
     if not args.no_genai:
         import onnxruntime_genai as og
 
-        genai = og.Model(str(build_genai_model(work, cache)))
+        genai_path = build_genai_model(work, cache)
+        genai = og.Model(str(genai_path))
     cache.clear()
     prompts = prompt_set("humaneval", args.prompts)
     any_engine = next(iter(engines.values()))
@@ -155,14 +188,17 @@ def main() -> None:
             acc["ttft"].append(ttft)
     bandwidth = memcpy_bandwidth()
     lines = ["| system | decode tok/s (median) | time to first token ms (median) | weights read per pass MB "
-             "| implied bandwidth GB/s |", "|---|---|---|---|---|"]
+             "| implied bandwidth GB/s | peak RSS MB |", "|---|---|---|---|---|---|"]
     for name, acc in results.items():
         tps, ttft = statistics.median(acc["tps"]), statistics.median(acc["ttft"]) * 1000
         if name.startswith("edgespec"):
-            wb = weight_bytes_per_pass(engines[name.split()[1]].manifest.root)
-            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} |")
+            root = engines[name.split()[1]].manifest.root
+            wb = weight_bytes_per_pass(root)
+            rss = peak_rss_mb(root, prompts[0], args.max_new_tokens)
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} | {rss:.0f} |")
         else:
-            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – |")
+            rss = peak_rss_mb(genai_path, prompts[0], args.max_new_tokens, genai=True)
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – | {rss:.0f} |")
     tps = {name: statistics.median(acc["tps"]) for name, acc in results.items()}
     peer = tps.get("onnxruntime-genai int4")
     verdict = "; ".join(f"{name.split()[1]} / genai int4: {value / peer:.2f}" for name, value in tps.items()
@@ -175,7 +211,9 @@ def main() -> None:
                 f" Command: `python bench/bench_ar.py --prompts {args.prompts} --write-docs`. First {args.prompts} "
                 f"HumanEval prompts in the chat template, greedy, up to {args.max_new_tokens} new tokens, "
                 "systems interleaved per prompt; genai's model is its builder's default int4 (RTN, block 32, accuracy "
-                "level 4, 4-bit LM head).",
+                "level 4, 4-bit LM head). Peak RSS: a fresh process per system loads the model and generates "
+                f"{args.max_new_tokens} tokens for the first prompt (KV buffers of 2048 slots are allocated "
+                "whole but only the pages written count).",
                 "", *lines, "", f"Measured memcpy bandwidth of this machine: {bandwidth:.1f} GB/s. {verdict}.", "",
                 "Rows: `int4` is our default, the GGUF-exact Q4_1 carry-over with the file's 8-bit (Q8_0) LM head; "
                 "`int4-rtn` re-quantizes like genai's builder (RTN, block 32, 4-bit LM head: `edge-export "

@@ -68,6 +68,7 @@ class DistillConfig:
         fields = asdict(self)
         fields.pop("cache_dir")
         fields.pop("checkpoint_seconds")
+        fields["minutes"] = float(fields["minutes"])  # 12 and 12.0 are one budget (json writes them apart)
         return fields
 
     def corpus_fields(self) -> dict:

@@ -156,3 +156,12 @@ def test_a_given_draft_that_cannot_pay_is_warned_about(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     warning = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("warning: the draft agrees")]
     assert warning and "cannot pay" in warning[0]
+
+
+def test_cache_key_does_not_split_an_integer_budget_from_a_float_one():
+    from edgespec.export.distill import DistillConfig, cache_key
+
+    def key(minutes):
+        return cache_key("w", DistillConfig(minutes=minutes).key_fields())
+
+    assert key(12) == key(12.0) != key(6)
