@@ -1,9 +1,10 @@
 """8-bit block-quantized token embeddings (`GatherBlockQuantized`), exact for a table that is Q8_0 already.
 
 SmolLM2-135M's fp32 embedding table is 113 MB: more than all of its int4 layers and its LM head
-together, and a derived draft holds a second copy, so a quantized target-and-draft bundle kept 226 MB
-of fp32 rows of which a pass reads one per token. In 8-bit blocks of 32 a table takes 28 MB + scales
-and a lookup still reads one row. onnxruntime's MatMulNBitsQuantizer quantizes a Gather to 4 bits only,
+together, and a derived draft holds a second copy, so a quantized target-and-draft bundle shipped 226 MB
+of fp32 rows of which a pass reads one per token (onnxruntime maps them from the file, so they cost disk
+and download, not resident memory). In 8-bit blocks of 32 a table takes 28 MB + scales and a lookup
+still reads one row. onnxruntime's MatMulNBitsQuantizer quantizes a Gather to 4 bits only,
 so the 8-bit codes are made here, as llama.cpp's Q8_0 makes them (symmetric, scale = max|x| / 127
 rounded to fp16). A table dequantized from a GGUF's Q8_0 blocks (SmolLM2's GGUF ties its head to one)
 comes back bit for bit, which the exporter checks for GGUF-exact bundles.
