@@ -53,11 +53,14 @@ def weight_bytes_per_pass(bundle: Path) -> int:
     return total
 
 
-PEAK_RSS = """import resource, sys
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of this big process
+# would report the parent's peak.
+HWM = "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))"
+PEAK_RSS = """import sys
 from edgespec import Engine
 Engine.load(sys.argv[1]).generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), chat=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
-GENAI_PEAK_RSS = """import resource, sys
+""" + HWM
+GENAI_PEAK_RSS = """import sys
 import onnxruntime_genai as og
 model = og.Model(sys.argv[1])
 tokenizer = og.Tokenizer(model)
@@ -67,7 +70,7 @@ gen = og.Generator(model, params)
 gen.append_tokens(tokenizer.encode(sys.argv[2]))
 for _ in range(int(sys.argv[3])):
     gen.generate_next_token()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"""
+""" + HWM
 
 
 def peak_rss_mb(path: Path, prompt: str, max_new_tokens: int, genai: bool = False) -> float:
