@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -371,9 +372,21 @@ def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
 
 
 def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process in bytes.
+
+    Linux: VmHWM, because getrusage's ru_maxrss survives exec and a process started by a bigger one would
+    report that one's peak; elsewhere ru_maxrss (bytes on macOS, KiB on other Unixes); 0 on Windows.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:  # not on Windows
+    except ImportError:
         return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -36,6 +36,19 @@ def test_runtime_imports_no_torch_or_transformers(tiny_bundle):
     assert proc.stdout.strip() == ""
 
 
+def test_peak_memory_is_the_generating_process_own(tiny_bundle):
+    """A process started by a bigger one reports its own peak (getrusage's ru_maxrss would carry the parent's)."""
+    ballast = np.ones(1 << 28, np.float32)  # 1 GiB touched in this process before the child starts
+    code = textwrap.dedent(f"""
+        from edgespec import Engine
+        print(Engine.load({str(tiny_bundle)!r}).generate("hello", max_new_tokens=8).stats["peak_rss_bytes"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    assert 20 << 20 < peak < ballast.nbytes // 2, peak
+
+
 def test_kv_buffer_is_the_same_object_after_100_steps(engine):
     runner = engine.target
     ids_before = [id(a) for a in runner.keys + runner.values]
