@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -52,9 +53,12 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     if kwargs.get("derive_layers") and distill_minutes:  # as `edge-export --target default` derives its draft
         out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}")
         distill = DistillConfig(minutes=distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS)
+    from edgespec.export.bundle import GRAPH_FORMAT, ExportOptions
+
     if (out / "manifest.json").is_file():
-        return out
-    from edgespec.export.bundle import ExportOptions
+        if json.loads((out / "manifest.json").read_text()).get("graph_format") == GRAPH_FORMAT:
+            return out
+        print(f"{out} was exported by older graph code: exporting it again", flush=True)
     from edgespec.export.cli import export_bundle
     from edgespec.export.sources import load
 

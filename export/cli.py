@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from edgespec.export.bundle import (
+    GRAPH_FORMAT,
     QUANT_CHOICES,
     ExportOptions,
     check_same_vocabulary,
@@ -66,7 +67,8 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
     tmp = staging_dir(out)
     try:
         manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                          "max_context": options.max_context, "device": options.device, "models": {}}
+                          "max_context": options.max_context, "device": options.device, "graph_format": GRAPH_FORMAT,
+                          "models": {}}
         manifest["tokenizer"] = write_tokenizer(loaded["target"], tmp)
         for role, model in loaded.items():
             calibration = _calibration_for(model, options) if options.quant == "qdq" else None
