@@ -53,13 +53,13 @@ def weight_bytes_per_pass(bundle: Path) -> int:
     return total
 
 
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of this big process
-# would report the parent's peak.
+# Both print KiB of VmHWM (the engine's own stat reads it too), not getrusage's ru_maxrss: Linux carries
+# ru_maxrss across exec, so a child of this big process would report the parent's peak.
 HWM = "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))"
 PEAK_RSS = """import sys
 from edgespec import Engine
-Engine.load(sys.argv[1]).generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), chat=True)
-""" + HWM
+result = Engine.load(sys.argv[1]).generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), chat=True)
+print(result.stats["peak_rss_bytes"] // 1024)"""
 GENAI_PEAK_RSS = """import sys
 import onnxruntime_genai as og
 model = og.Model(sys.argv[1])

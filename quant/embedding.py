@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgespec.export.graph import MS_DOMAIN
+
 EMBEDDING_NODE = "embed_tokens"
-MS_DOMAIN = "com.microsoft"
 
 
 def q8_blocks(table: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +31,13 @@ def q8_blocks(table: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.n
     safe = np.where(scales == 0, 1.0, scales)[..., None]
     codes = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int16) + 128
     return codes.reshape(rows, cols).astype(np.uint8), scales
+
+
+def dequantize_q8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The table `GatherBlockQuantized` reads from `q8_blocks`' codes and scales (default zero point 128)."""
+    rows, cols = codes.shape
+    blocks = (codes.astype(np.float32) - 128).reshape(rows, scales.shape[1], -1) * scales[..., None]
+    return blocks.reshape(rows, cols)
 
 
 def quantize_embedding(model: onnx.ModelProto, block_size: int = 32,
@@ -49,8 +57,7 @@ def quantize_embedding(model: onnx.ModelProto, block_size: int = 32,
     if table.ndim != 2 or table.shape[1] % block_size:
         return model, {"embedding": f"fp32: width {table.shape[-1]} is not a multiple of {block_size}"}
     codes, scales = q8_blocks(table, block_size)
-    restored = (codes.astype(np.float32) - 128).reshape(len(table), -1, block_size) * scales[..., None]
-    error = float(np.abs(restored.reshape(table.shape) - table).max())
+    error = float(np.abs(dequantize_q8(codes, scales) - table).max())
     if exact_only and error != 0.0:
         return model, {"embedding": f"fp32: 8-bit blocks would move it by up to {error:.2g}"}
     out = onnx.ModelProto()

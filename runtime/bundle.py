@@ -26,8 +26,11 @@ def save_cache_json(path: Path, data) -> None:
         return
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves neither a half file nor a stray temporary one
+        tmp.unlink(missing_ok=True)
 
 
 class BundleError(Exception):
