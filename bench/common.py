@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -51,8 +52,11 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     out = work / f"smollm2-{quant}{''.join(f'-{k}{v}' for k, v in sorted(kwargs.items()))}"
     distill = None
     if kwargs.get("derive_layers") and distill_minutes:  # as `edge-export --target default` derives its draft
-        out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}")
         distill = DistillConfig(minutes=distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS)
+        # Every setting that changes the distilled draft names the bundle, so a changed default (prompts, corpus
+        # size) exports a new bundle instead of measuring the draft an older default made.
+        settings = hashlib.sha256(json.dumps(distill.key_fields(), sort_keys=True).encode()).hexdigest()[:8]
+        out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}-{settings}")
     from edgespec.export.bundle import GRAPH_FORMAT, ExportOptions
 
     if (out / "manifest.json").is_file():

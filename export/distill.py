@@ -23,6 +23,7 @@ Everything is saved with safetensors / npz (no pickle) and written atomically.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -39,6 +40,7 @@ from edgespec.export.errors import ExportError
 
 DEFAULT_MINUTES = 12.0
 DEFAULT_HEAD_TOKENS = 8192
+CORPUS_GENERATOR = "bf16-sdpa-fp32-head"  # how corpus text and labels are computed (CorpusGenerator): part of the keys
 
 
 @dataclass
@@ -46,13 +48,13 @@ class DistillConfig:
     """Budget and settings; `minutes` covers corpus generation and training together."""
 
     minutes: float = DEFAULT_MINUTES
-    corpus_share: float = 0.5  # at most this share of the budget goes to generating the corpus
-    corpus_tokens: int = 60_000  # stop generating earlier once this many answer tokens exist
+    corpus_share: float = 0.6  # at most this share of the budget goes to generating the corpus
+    corpus_tokens: int = 150_000  # stop generating earlier once this many answer tokens exist
     new_tokens: int = 128
-    samples_per_prompt: int = 8  # sampled answers per prompt, on top of one greedy answer
+    samples_per_prompt: int = 16  # sampled answers per prompt, on top of one greedy answer
     temperature: float = 0.8
     top_k: int = 32
-    gen_batch: int = 32
+    gen_batch: int = 45  # half of the prompt set, so a batch never mixes greedy and sampled jobs
     train_batch: int = 8
     lr: float = 5e-4  # peak; warm-up over the first `warmup` of the training time, then cosine decay to 0
     warmup: float = 0.05
@@ -69,6 +71,7 @@ class DistillConfig:
         fields.pop("cache_dir")
         fields.pop("checkpoint_seconds")
         fields["minutes"] = float(fields["minutes"])  # 12 and 12.0 are one budget (json writes them apart)
+        fields["generator"] = CORPUS_GENERATOR
         return fields
 
     def corpus_fields(self) -> dict:
@@ -166,9 +169,12 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
     eos = set(eos_ids(target_model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     start_jobs = corpus.prompts_done
+    generator = None
     while (corpus.prompts_done < len(jobs) and corpus.answer_tokens < config.corpus_tokens
            and time.perf_counter() < deadline):
         t0 = time.perf_counter()
+        if generator is None:
+            generator = CorpusGenerator(target_model, config.top_k)
         batch = jobs[corpus.prompts_done:corpus.prompts_done + config.gen_batch]
         greedy = batch[0][1]
         batch = [job for job in batch if job[1] == greedy]  # one decoding rule per generate() call
@@ -182,16 +188,10 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
         torch.manual_seed(config.seed + corpus.prompts_done)
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature,
                                                          "top_k": 0, "top_p": 1.0}
-        # bf16 generation: 1.5x the tokens per second of fp32 on our CPUs; text, not exact logits, is the bottleneck
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = target_model.generate(ids, attention_mask=mask, max_new_tokens=config.new_tokens,
-                                        output_logits=True, return_dict_in_generate=True,
-                                        pad_token_id=pad, **sampling)
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, steps, V], raw logits
-        top_logp, top_ids = logp.topk(config.top_k, dim=-1)
+        sequences, top_logp, top_ids = generator.generate(ids, mask, config.new_tokens, pad, sampling)
         seqs, starts, kid, klp = [], [], [], []
         for row, x in enumerate(prompt_ids):
-            answer = out.sequences[row, width:].tolist()
+            answer = sequences[row, width:].tolist()
             n = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
             seqs.append(np.asarray(x + answer[:n], np.int64))
             starts.append(len(x))
@@ -206,6 +206,47 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
     if corpus.prompts_done == start_jobs and corpus.answer_tokens:
         log(f"distill corpus: reusing {corpus.answer_tokens} cached answer tokens")
     return corpus
+
+
+class CorpusGenerator:
+    """The target as a fast text generator: bf16 body with SDPA attention, fp32 LM head, top-k kept per step.
+
+    Why not `generate(output_logits=True)` on the fp32 model under autocast, as before: on our 2-core CPUs
+    that ran 145 tokens/s at batch 32; eager attention's GQA key/value repeats and the stored
+    [batch, steps, vocab] logits took most of it. This copy runs 225 tokens/s (278 at batch 60), and its
+    labels agree with fp32 teacher forcing at 99.2 % of positions against autocast's 98.4 % (measured
+    on 768 sampled positions), because the head, where bf16 rounding moves the argmax most, stays fp32.
+    The top-k is taken inside a forward hook on the head, so full logits are never kept.
+    """
+
+    def __init__(self, target_model, top_k: int):
+        import torch
+
+        self.model = copy.deepcopy(target_model).to(torch.bfloat16)
+        self.model.set_attn_implementation("sdpa")
+        head = torch.nn.Linear(target_model.config.hidden_size, target_model.config.vocab_size, bias=False)
+        head.weight = torch.nn.Parameter(target_model.get_output_embeddings().weight.detach().float().clone(),
+                                         requires_grad=False)
+        head.register_forward_pre_hook(lambda _module, args: (args[0].float(),))
+        head.register_forward_hook(self._record)
+        self.model.config.tie_word_embeddings = False
+        self.model.lm_head = head
+        self.top_k = top_k
+        self.steps: list = []
+
+    def _record(self, _module, _args, logits) -> None:
+        self.steps.append(logits[:, -1].log_softmax(-1).topk(self.top_k, dim=-1))
+
+    def generate(self, ids, mask, new_tokens: int, pad: int, sampling: dict):
+        """(sequences, top-k log-probabilities [B, steps, k], their token ids) of one generate() call."""
+        import torch
+
+        self.steps = []
+        with torch.no_grad():
+            sequences = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                            pad_token_id=pad, **sampling)
+        steps = self.steps[:sequences.shape[1] - ids.shape[1]]
+        return (sequences, torch.stack([s.values for s in steps], 1), torch.stack([s.indices for s in steps], 1))
 
 
 def _encode(tokenizer, prompt: str) -> list[int]:

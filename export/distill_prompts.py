@@ -40,6 +40,106 @@ CODE_TASKS = [
     "Write a Python function that chunks a list into pieces of size n.",
 ]
 
+
+def _stub(signature: str, doc: str, example: str, result: str) -> str:
+    return f'def {signature}:\n    """{doc}\n    >>> {example}\n    {result}\n    """\n'
+
+
+# Function stubs to complete (signature and docstring, the way code assistants and completion benchmarks are
+# prompted); written for this corpus, none of them a HumanEval problem.
+COMPLETION_TASKS = [
+    _stub('moving_sum(values: list[int], window: int) -> list[int]',
+          'Return the sum of every run of `window` consecutive values.',
+          'moving_sum([1, 2, 3, 4], 2)', '[3, 5, 7]'),
+    _stub('count_capitals(text: str) -> int',
+          'Count the upper-case letters in text.',
+          "count_capitals('Hello World')", '2'),
+    _stub('chunk_string(text: str, size: int) -> list[str]',
+          'Split text into pieces of `size` characters; the last piece may be shorter.',
+          "chunk_string('abcdefg', 3)", "['abc', 'def', 'g']"),
+    _stub('dot_product(a: list[float], b: list[float]) -> float',
+          'Return the dot product of two vectors of the same length.',
+          'dot_product([1.0, 2.0], [3.0, 4.0])', '11.0'),
+    _stub('invert_dict(mapping: dict) -> dict',
+          'Swap keys and values of a dictionary whose values are unique.',
+          "invert_dict({'a': 1, 'b': 2})", "{1: 'a', 2: 'b'}"),
+    _stub('digits_product(n: int) -> int',
+          'Return the product of the decimal digits of a positive integer.',
+          'digits_product(234)', '24'),
+    _stub('title_words(sentence: str) -> str',
+          'Capitalize the first letter of every word and lower-case the rest.',
+          "title_words('hELLO wORLD')", "'Hello World'"),
+    _stub('clamp_all(values: list[float], low: float, high: float) -> list[float]',
+          'Limit every value to the range [low, high].',
+          'clamp_all([-1.0, 0.5, 3.0], 0.0, 1.0)', '[0.0, 0.5, 1.0]'),
+    _stub('run_lengths(text: str) -> list[tuple[str, int]]',
+          'Run-length encode a string as (character, count) pairs.',
+          "run_lengths('aaabcc')", "[('a', 3), ('b', 1), ('c', 2)]"),
+    _stub('is_anagram(a: str, b: str) -> bool',
+          'Return True if a and b contain the same letters, ignoring case and spaces.',
+          "is_anagram('Listen', 'Silent')", 'True'),
+    _stub('nth_triangular(n: int) -> int',
+          'Return the n-th triangular number, the sum 1 + 2 + ... + n.',
+          'nth_triangular(4)', '10'),
+    _stub('split_even_odd(numbers: list[int]) -> tuple[list[int], list[int]]',
+          'Return the even numbers and the odd numbers of the list, each in their original order.',
+          'split_even_odd([1, 2, 3, 4])', '([2, 4], [1, 3])'),
+    _stub('longest_word(sentence: str) -> str',
+          'Return the longest word of the sentence; on a tie, the first one.',
+          "longest_word('a quick brown fox')", "'quick'"),
+    _stub('cumulative_max(values: list[int]) -> list[int]',
+          'Return, at each position, the largest value seen so far.',
+          'cumulative_max([1, 3, 2, 5, 4])', '[1, 3, 3, 5, 5]'),
+    _stub('count_pairs_with_sum(numbers: list[int], target: int) -> int',
+          'Count the pairs i < j with numbers[i] + numbers[j] == target.',
+          'count_pairs_with_sum([1, 2, 3, 4], 5)', '2'),
+    _stub('to_binary(n: int) -> str',
+          'Return the binary representation of a non-negative integer without a prefix.',
+          'to_binary(10)', "'1010'"),
+    _stub('middle_char(word: str) -> str',
+          'Return the middle character of word, or the middle two if its length is even.',
+          "middle_char('python')", "'th'"),
+    _stub('sum_of_squares(n: int) -> int',
+          'Return 1**2 + 2**2 + ... + n**2.',
+          'sum_of_squares(3)', '14'),
+    _stub('common_elements(a: list[int], b: list[int]) -> list[int]',
+          'Return the sorted values that appear in both lists, without repeats.',
+          'common_elements([3, 1, 2, 2], [2, 3, 5])', '[2, 3]'),
+    _stub('caesar_shift(text: str, shift: int) -> str',
+          'Shift every lower-case letter forward by `shift` places in the alphabet, wrapping around.',
+          "caesar_shift('xyz', 2)", "'zab'"),
+    _stub('max_gap(values: list[int]) -> int',
+          'Return the largest difference between two neighbours of the sorted list.',
+          'max_gap([1, 9, 3, 4])', '5'),
+    _stub('weekday_name(index: int) -> str',
+          'Return the name of the weekday for 0 (Monday) to 6 (Sunday).',
+          'weekday_name(2)', "'Wednesday'"),
+    _stub('percent_change(old: float, new: float) -> float',
+          'Return the change from old to new in percent, rounded to two decimals.',
+          'percent_change(50.0, 60.0)', '20.0'),
+    _stub('is_sorted_desc(values: list[int]) -> bool',
+          'Return True if the list never increases from one element to the next.',
+          'is_sorted_desc([5, 3, 3, 1])', 'True'),
+    _stub('strip_comments(lines: list[str]) -> list[str]',
+          "Remove everything after a '#' on each line, and drop lines left empty.",
+          "strip_comments(['x = 1  # one', '# note'])", "['x = 1']"),
+    _stub('matrix_trace(matrix: list[list[int]]) -> int',
+          'Return the sum of the diagonal of a square matrix.',
+          'matrix_trace([[1, 2], [3, 4]])', '5'),
+    _stub('word_lengths(sentence: str) -> dict[str, int]',
+          'Map every word of the sentence to its length.',
+          "word_lengths('to be')", "{'to': 2, 'be': 2}"),
+    _stub('first_repeated(text: str) -> str',
+          'Return the first character that occurs twice, or an empty string if none does.',
+          "first_repeated('abcbad')", "'b'"),
+    _stub('celsius_table(start: int, stop: int) -> list[tuple[int, float]]',
+          'Return (celsius, fahrenheit) pairs for every whole degree from start to stop inclusive.',
+          'celsius_table(0, 1)', '[(0, 32.0), (1, 33.8)]'),
+    _stub('interleave(a: list, b: list) -> list',
+          'Alternate the elements of a and b; the rest of the longer list goes at the end.',
+          "interleave([1, 2, 3], ['x'])", "[1, 'x', 2, 3]"),
+]
+
 PROSE_TASKS = [
     "Explain how vaccines train the immune system.",
     "Write a short story about a robot learning to paint.",
@@ -75,8 +175,8 @@ PROSE_TASKS = [
 
 
 def distill_prompts() -> list[str]:
-    """Code and prose prompts interleaved, so any prefix of the list is a mixed set."""
+    """Code requests, function stubs and prose prompts interleaved, so any prefix of the list is a mixed set."""
     mixed = []
-    for code, prose in zip(CODE_TASKS, PROSE_TASKS, strict=True):
-        mixed += [code, prose]
+    for code, stub, prose in zip(CODE_TASKS, COMPLETION_TASKS, PROSE_TASKS, strict=True):
+        mixed += [code, stub, prose]
     return mixed
