@@ -224,13 +224,11 @@ class CorpusGenerator:
 
         self.model = copy.deepcopy(target_model).to(torch.bfloat16)
         self.model.set_attn_implementation("sdpa")
-        head = torch.nn.Linear(target_model.config.hidden_size, target_model.config.vocab_size, bias=False)
-        head.weight = torch.nn.Parameter(target_model.get_output_embeddings().weight.detach().float().clone(),
-                                         requires_grad=False)
+        head = copy.deepcopy(target_model.get_output_embeddings()).float().requires_grad_(False)  # untied copy
         head.register_forward_pre_hook(lambda _module, args: (args[0].float(),))
         head.register_forward_hook(self._record)
         self.model.config.tie_word_embeddings = False
-        self.model.lm_head = head
+        self.model.set_output_embeddings(head)
         self.top_k = top_k
         self.steps: list = []
 
