@@ -84,7 +84,8 @@ class Engine:
         if load_draft and manifest.draft is not None and manifest.draft.vocab_size != manifest.target.vocab_size:
             raise BundleError(f"the bundle's draft has a {manifest.draft.vocab_size}-token vocabulary but its target "
                               f"{manifest.target.vocab_size}: speculation needs one shared tokenizer")
-        config = SessionConfig(threads=threads, optimization=optimization, cache_optimized=cache_optimized)
+        config = SessionConfig(threads=threads, optimization=optimization, cache_optimized=cache_optimized,
+                               stop_spinning=load_draft and manifest.draft is not None)
         from edgespec.runtime.placement import runners_for  # devices are optional at import time
 
         target, draft = runners_for(manifest, config, device, strict, load_draft)

@@ -229,3 +229,20 @@ def test_cli_bundle_errors(tiny_bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgespec.runtime.cli", "generate", "--bundle",
                            str(tmp_path / "none"), "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bundle directory not found" in proc.stderr
+
+
+def _stops_spinning(runner) -> bool:
+    options = runner._slots[0].session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.force_spinning_stop") == "1"
+    except RuntimeError:  # the key was never set: onnxruntime's default, workers keep spinning between passes
+        return False
+
+
+def test_a_lone_target_keeps_spinning_and_a_pair_stops(tiny_bundle, tiny_pair_bundle):
+    """Two sessions on two cores must not spin into each other's passes; one session alone should not pay
+    the pool's wake-up at every pass (docs/benchmarks.md, one-off section on spinning)."""
+    assert not _stops_spinning(Engine.load(tiny_bundle).target)
+    pair = Engine.load(tiny_pair_bundle)
+    assert _stops_spinning(pair.target) and _stops_spinning(pair.draft)
+    assert not _stops_spinning(Engine.load(tiny_pair_bundle, load_draft=False).target)
