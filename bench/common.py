@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -46,7 +45,7 @@ def prompt_set(name: str, n: int) -> list[str]:
 
 def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     """The default model's bundle for `quant` under `work`, exported once and reused."""
-    from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
+    from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig, cache_key
 
     distill_minutes = kwargs.pop("distill_minutes", 0)
     out = work / f"smollm2-{quant}{''.join(f'-{k}{v}' for k, v in sorted(kwargs.items()))}"
@@ -55,7 +54,7 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
         distill = DistillConfig(minutes=distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS)
         # Every setting that changes the distilled draft names the bundle, so a changed default (prompts, corpus
         # size) exports a new bundle instead of measuring the draft an older default made.
-        settings = hashlib.sha256(json.dumps(distill.key_fields(), sort_keys=True).encode()).hexdigest()[:8]
+        settings = cache_key("", distill.key_fields())[:8]
         out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}-{settings}")
     from edgespec.export.bundle import GRAPH_FORMAT, ExportOptions
 

@@ -244,8 +244,8 @@ class CorpusGenerator:
         with torch.no_grad():
             sequences = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                             pad_token_id=pad, **sampling)
-        steps = self.steps[:sequences.shape[1] - ids.shape[1]]
-        return (sequences, torch.stack([s.values for s in steps], 1), torch.stack([s.indices for s in steps], 1))
+        return (sequences, torch.stack([s.values for s in self.steps], 1),
+                torch.stack([s.indices for s in self.steps], 1))
 
 
 def _encode(tokenizer, prompt: str) -> list[int]:

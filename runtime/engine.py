@@ -141,8 +141,9 @@ class Engine:
         from edgespec.runtime.bundle import CACHE_DIR
         from edgespec.runtime.costs import cached_cost_curve
 
-        if role == "target":
-            return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, self._cache_key(role))
+        if role == "target":  # a target loaded without its draft keeps spinning (SessionConfig): another curve
+            spinning = "-spinning" if self.draft is None else ""
+            return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, self._cache_key(role) + spinning)
         # the draft's passes are timed after a target pass each, as they run when drafting
         return cached_cost_curve(self.draft, self.manifest.root / CACHE_DIR, self._cache_key(role) + "-after-target",
                                  between=self.target)
