@@ -132,8 +132,8 @@ def build_genai_model(work: Path, loaded_cache: dict) -> Path:
     return out
 
 
-def genai_decode(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[int, float, float]:
-    """(new tokens, time to first token, decode seconds after it) with the og.Generator loop, greedy."""
+def genai_decode(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], float, float]:
+    """(new token ids, time to first token, decode seconds after it) with the og.Generator loop, greedy."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -143,11 +143,28 @@ def genai_decode(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> t
     gen.append_tokens(ids)
     gen.generate_next_token()
     t_first = time.perf_counter()
-    n = 1
-    while n < max_new_tokens and not gen.is_done() and int(gen.get_next_tokens()[0]) not in eos:
+    tokens = [int(gen.get_next_tokens()[0])]
+    while len(tokens) < max_new_tokens and not gen.is_done() and tokens[-1] not in eos:
         gen.generate_next_token()
-        n += 1
-    return n, t_first - t0, time.perf_counter() - t_first
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens, t_first - t0, time.perf_counter() - t_first
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def fidelity_cells(outputs: list[list[int]], reference: list[list[int]] | None, eos: set[int]) -> str:
+    """Greedy outputs identical to the fp32 bundle's (which equals torch on the GGUF model) and the mean number of
+    tokens before the first difference: what a quantization costs in faithfulness, next to what it buys in speed."""
+    if reference is None:
+        return "– | –"
+    strip = [[t for t in out if t not in eos] for out in outputs]
+    ref = [[t for t in out if t not in eos] for out in reference]
+    same = sum(a == b for a, b in zip(strip, ref, strict=True))
+    prefix = statistics.mean(same_prefix(a, b) for a, b in zip(strip, ref, strict=True))
+    return f"{same}/{len(ref)} | {prefix:.0f}"
 
 
 def main() -> None:
@@ -180,28 +197,33 @@ def main() -> None:
         ids = any_engine.prompt_tokens(prompt, chat=True)
         for quant, engine in engines.items():
             r = engine.generate(prompt, max_new_tokens=args.max_new_tokens, chat=True)
-            acc = results.setdefault(f"edgespec {quant}", {"tps": [], "ttft": [], "passes_per_s": []})
+            acc = results.setdefault(f"edgespec {quant}", {"tps": [], "ttft": [], "tokens": []})
             acc["tps"].append(r.stats["decode_tokens_per_second"] or 0.0)
             acc["ttft"].append(r.stats["time_to_first_token"])
-            acc["passes_per_s"].append(r.stats["decode_tokens_per_second"] or 0.0)
+            acc["tokens"].append(r.token_ids)
         if genai is not None:
-            n, ttft, dec = genai_decode(genai, ids, args.max_new_tokens, eos)
-            acc = results.setdefault("onnxruntime-genai int4", {"tps": [], "ttft": []})
-            acc["tps"].append((n - 1) / dec if dec > 0 else 0.0)
+            tokens, ttft, dec = genai_decode(genai, ids, args.max_new_tokens, eos)
+            acc = results.setdefault("onnxruntime-genai int4", {"tps": [], "ttft": [], "tokens": []})
+            acc["tps"].append((len(tokens) - 1) / dec if dec > 0 else 0.0)
             acc["ttft"].append(ttft)
+            acc["tokens"].append(tokens)
     bandwidth = memcpy_bandwidth()
+    reference = results.get("edgespec fp32", {}).get("tokens")
     lines = ["| system | decode tok/s (median) | time to first token ms (median) | weights read per pass MB "
-             "| implied bandwidth GB/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+             "| implied bandwidth GB/s | peak RSS MB | greedy output = fp32's | tokens before first difference "
+             "(mean) |", "|---|---|---|---|---|---|---|---|"]
     for name, acc in results.items():
         tps, ttft = statistics.median(acc["tps"]), statistics.median(acc["ttft"]) * 1000
+        faithful = fidelity_cells(acc["tokens"], reference, eos)
         if name.startswith("edgespec"):
             root = engines[name.split()[1]].manifest.root
             wb = weight_bytes_per_pass(root)
             rss = peak_rss_mb(root, prompts[0], args.max_new_tokens)
-            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} | {rss:.0f} |")
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} | {rss:.0f} "
+                         f"| {faithful} |")
         else:
             rss = peak_rss_mb(genai_path, prompts[0], args.max_new_tokens, genai=True)
-            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – | {rss:.0f} |")
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – | {rss:.0f} | {faithful} |")
     tps = {name: statistics.median(acc["tps"]) for name, acc in results.items()}
     peer = tps.get("onnxruntime-genai int4")
     verdict = "; ".join(f"{name.split()[1]} / genai int4: {value / peer:.2f}" for name, value in tps.items()
@@ -216,7 +238,9 @@ def main() -> None:
                 "systems interleaved per prompt; genai's model is its builder's default int4 (RTN, block 32, accuracy "
                 "level 4, 4-bit LM head). Peak RSS: a fresh process per system loads the model and generates "
                 f"{args.max_new_tokens} tokens for the first prompt (KV buffers of 2048 slots are allocated "
-                "whole but only the pages written count).",
+                "whole but only the pages written count). Faithfulness: each system's greedy token ids against "
+                "the fp32 bundle's for the same prompt (the fp32 bundle equals torch greedy on the GGUF model, "
+                "tests/test_export.py::test_default_fp32_greedy_matches_torch), trailing EOS ignored.",
                 "", *lines, "", f"Measured memcpy bandwidth of this machine: {bandwidth:.1f} GB/s. {verdict}.", "",
                 "Rows: `int4` is our default, the GGUF-exact Q4_1 carry-over with the file's 8-bit (Q8_0) LM head; "
                 "`int4-rtn` re-quantizes like genai's builder (RTN, block 32, 4-bit LM head: `edge-export "

@@ -15,7 +15,7 @@ import argparse
 
 from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
-from edgespec.export.derive import calibration_tokens, derive_draft, greedy_agreement
+from edgespec.export.derive import calibration_tokens, derive_draft, greedy_agreement, student_from_layers
 from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
 from edgespec.export.draft_check import measure_cost_ratio
 from edgespec.export.sources import load
@@ -28,10 +28,10 @@ def main() -> None:
     ap.add_argument("--quants", nargs="+", default=["int8", "int4"])
     args, work = parse_with_common(ap)
     target = load("default")
-    undistilled, _ = derive_draft(target, args.draft_layers, None, log=print)
     distilled, info = derive_draft(target, args.draft_layers,
                                    DistillConfig(minutes=args.distill_minutes, head_tokens=DEFAULT_HEAD_TOKENS),
                                    log=print)
+    undistilled = student_from_layers(target, info["layers"])  # the same layers before distillation
     rows = []
     for set_name in ("humaneval", "prose"):
         tokens = calibration_tokens(target.tokenizer, prompt_set(set_name, args.prompts))
