@@ -56,7 +56,8 @@ def _report(args, info: dict, rows: list, costs: dict) -> str:
         "",
         f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_draft.py --prompts {args.prompts} "
         f"--quants {' '.join(args.quants)} --write-docs`.",
-        f"Draft: layers {info['layers']} of the target's 30 (chosen by measured agreement / log-likelihood), the "
+        f"Draft: layers {info['layers']} of the target's 30 (the first N-1 and the last, export/derive.py "
+        "`distilled_layers`), the "
         f"target's embeddings and an LM head over the {DEFAULT_HEAD_TOKENS} tokens the target writes most; distilled "
         "through that head on the CPU against the target's top-32 distributions on "
         f"{d.get('corpus_answer_tokens', '?')} tokens the target wrote for a mixed code/prose prompt set "
