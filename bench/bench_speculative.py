@@ -85,8 +85,8 @@ def main() -> None:
             f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_speculative.py "
             f"--quants {' '.join(args.quants)} --prompts {args.prompts} --max-new-tokens {args.max_new_tokens}"
             " --write-docs`.",
-            f"Default pair: SmolLM2-135M-Instruct target, draft = {args.draft_layers} of its layers chosen by "
-            f"measured agreement, {_distilled(args.distill_minutes)}, trigram table "
+            f"Default pair: SmolLM2-135M-Instruct target, draft = {args.draft_layers} of its layers (the first "
+            f"{args.draft_layers - 1} and the last when distilled), {_distilled(args.distill_minutes)}, trigram table "
             "from 4000 generated tokens. Ratios are tokens/s relative to `ar` measured in the same run, prompts "
             "interleaved; chat template; " + f"{args.max_new_tokens} new tokens.",
             "",
