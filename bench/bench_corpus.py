@@ -43,6 +43,11 @@ def label_agreement(model, prompts: list[list[int]], width: int, sequences, top_
     return hits / total
 
 
+def _text_and_top_ids(generated):
+    sequences, _top_logp, top_ids = generated
+    return sequences, top_ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=32)
@@ -62,7 +67,8 @@ def main() -> None:
     sampling = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_new_tokens": args.new_tokens}
     systems = {"autocast + output_logits (before)":
                lambda: autocast_generate(model, ids, mask, args.new_tokens, pad, 32),
-               "CorpusGenerator (now)": lambda: fast.generate(ids, mask, args.new_tokens, pad, sampling)[::2]}
+               "CorpusGenerator (now)": lambda: _text_and_top_ids(fast.generate(ids, mask, args.new_tokens, pad,
+                                                                                 sampling))}
     speed: dict[str, list[float]] = {name: [] for name in systems}
     agree: dict[str, float] = {}
     for r in range(args.rounds):

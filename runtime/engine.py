@@ -71,6 +71,7 @@ class Engine:
         self.ngram_model = _load_ngram(manifest)
         self.cost_curves: dict[str, dict[int, float]] = {}
         self.threads = 0  # set by load(); part of the cost-curve cache key
+        self.spinning = False  # set by load(): the sessions keep their workers spinning between passes (a lone model)
         self.target_pass_size_invariant = all(g.pass_size_invariant for g in manifest.target.graphs.values())
         self.pass_check: dict | None = None  # this machine's verdict on that (runtime/selfcheck.py)
 
@@ -91,6 +92,7 @@ class Engine:
         target, draft = runners_for(manifest, config, device, strict, load_draft)
         engine = cls(manifest, BundleTokenizer.from_manifest(manifest), target, draft, time.perf_counter() - t0)
         engine.threads = config.session_options().intra_op_num_threads
+        engine.spinning = not config.stop_spinning
         return engine
 
     @property
@@ -141,8 +143,8 @@ class Engine:
         from edgespec.runtime.bundle import CACHE_DIR
         from edgespec.runtime.costs import cached_cost_curve
 
-        if role == "target":  # a target loaded without its draft keeps spinning (SessionConfig): another curve
-            spinning = "-spinning" if self.draft is None else ""
+        if role == "target":  # a spinning session's passes cost less (SessionConfig): another curve
+            spinning = "-spinning" if self.spinning else ""
             return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, self._cache_key(role) + spinning)
         # the draft's passes are timed after a target pass each, as they run when drafting
         return cached_cost_curve(self.draft, self.manifest.root / CACHE_DIR, self._cache_key(role) + "-after-target",
