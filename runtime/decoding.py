@@ -29,6 +29,12 @@ class DecodeState:
     options: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     prefilled: int = 0  # tokens fed to the target to catch up before the first new token
+    end: int = 0  # committed length at which decoding stops (prompt + max_new_tokens, at most the context)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to come at most: what a one-off cost (a draft's catch-up) can be spread over."""
+        return max(1, self.end - len(self.tokens))
 
     def next_token(self, logits: np.ndarray, context: list[int] | None = None) -> int:
         """Choose one token from target logits with the sampling settings (greedy: argmax)."""

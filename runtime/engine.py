@@ -257,7 +257,8 @@ class ChatSession:
         for role, curve in engine.cost_curves.items():
             options.setdefault(f"{role}_cost_curve", curve)
         state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
-                            rng=np.random.default_rng(params.seed), options=options)
+                            rng=np.random.default_rng(params.seed), options=options,
+                            end=min(len(self.tokens) + max_new_tokens, engine.max_context))
         eos = set(engine.tokenizer.eos_token_ids)
         stream, tokenizer = engine.tokenizer.stream(), engine.tokenizer.tokenizer
         # Text is read while decoding only to stream it or to find a stop string; otherwise the tokens are

@@ -109,18 +109,25 @@ class StagedDrafter:
         self.width = int(state.options.get("ngram_width", 2))
         self.ngram_proposed = self.ngram_accepted = 0
         self.curve = state.options.get("draft_cost_curve")
-        self.estimated_seconds = 0.0  # the draft's passes so far, priced by its cost curve (catch-ups included)
+        self.tree_seconds = 0.0  # the draft's tree passes so far, priced by its cost curve
+        self.catch_up_seconds = 0.0  # its catch-up passes, priced the same way
 
-    def _price(self, rows: int) -> None:
-        if self.curve:
-            self.estimated_seconds += interpolate(self.curve, rows)
+    def lag(self) -> int:
+        """Committed tokens the draft has not seen (the pending one aside)."""
+        tokens = self.state.tokens
+        return len(tokens) - 1 - min(self.state.draft.length, len(tokens) - 1)
+
+    def catch_up_price(self) -> float:
+        """Seconds the draft's pending catch-up will take, by its cost curve, in chunks as `prefill` feeds it."""
+        if not self.curve:
+            return 0.0
+        lag, chunk = self.lag(), self.state.draft.max_chunk
+        return sum(interpolate(self.curve, min(chunk, lag - start)) for start in range(0, lag, chunk))
 
     def path(self, depth: int) -> list[int]:
         """The draft's greedy continuation of `state.tokens`, `depth` tokens long (draft KV kept in step)."""
         draft, tokens = self.state.draft, self.state.tokens
-        lag = len(tokens) - 1 - min(draft.length, len(tokens) - 1)
-        for start in range(0, lag, draft.max_chunk):  # after direct steps the draft first catches up
-            self._price(min(draft.max_chunk, lag - start))
+        self.catch_up_seconds += self.catch_up_price()
         catch_up(draft, tokens, keep_last=1)
         path: list[int] = []
         pending = tokens[-1]
@@ -133,7 +140,8 @@ class StagedDrafter:
                 tree.add(0, alt)
             start = draft.length
             logits = draft.forward(tree.tokens, positions=tree.position_ids(start), mask=tree.attention_mask())
-            self._price(len(tree.tokens))
+            if self.curve:
+                self.tree_seconds += interpolate(self.curve, len(tree.tokens))
             q = distributions(self.state, logits, [path] * len(tree.tokens))
             kept, nxt = tree.walk(lambda node, q=q: int(np.argmax(q[node])))
             draft.keep(start, kept)
@@ -161,28 +169,54 @@ class StagedStep:
         self.fixed = state.options.get("depth", state.options.get("k"))
         self.draft_tokens = 0
         self.draft_passes_before = state.draft.stats.passes
+        self.probes_skipped = 0
 
     def __call__(self) -> tuple[list[int], np.ndarray]:
         """Commit the next tokens; returns them and the target's logits for each."""
-        state, stats, draft = self.state, self.stats, self.state.draft
+        state, stats = self.state, self.stats
         catch_up(state.target, state.tokens, keep_last=1)
-        draft_s, target_s = _path_token_seconds(state, self.stage2.estimated_seconds, self.draft_tokens)
-        limit = min(state.target.capacity, state.target.max_chunk, draft.capacity) - 1
+        limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
         if self.fixed is not None:
-            depth, path_value, direct = int(self.fixed), 0.0, None
-        else:
-            depth, path_value = stats.choose(limit, draft_s, target_s)
-            direct = self.direct.propose(limit)
-        depth = max(0, min(depth, limit))
-        if depth and (direct is None or stats.probing or path_value > direct[2]):
-            t0 = time.perf_counter()
-            path = self.stage2.path(depth)
-            stats.add_time("draft", time.perf_counter() - t0)
-            self.draft_tokens += len(path)
-            emitted = _verify(state, stats, path)
-            draft.rollback(min(draft.length, state.target.length))
-            return emitted
-        return self.direct.step(direct if direct is not None else self.direct.propose(limit))
+            depth = max(0, min(int(self.fixed), limit))
+            return self._path(depth) if depth else self.direct.step(self.direct.propose(limit))
+        draft_s, target_s = _path_token_seconds(state, self.stage2.tree_seconds, self.draft_tokens)
+        depth, path_value = stats.choose(limit, draft_s, target_s)
+        direct = self.direct.propose(limit)
+        if depth and self._path_pays(path_value, direct[2], draft_s, target_s):
+            return self._path(min(depth, limit))
+        return self.direct.step(direct)
+
+    def _path_pays(self, path_value: float, direct_value: float, draft_s: float | None,
+                   target_s: float | None) -> bool:
+        """Whether the draft's path, its pending catch-up included, beats the n-gram proposal.
+
+        A catch-up (the draft feeding every token it missed during direct steps; before the first path, the
+        whole prompt) is paid once for all the path steps that follow, so it is spread over the tokens still
+        to come. (Averaged into the draft's cost per path token instead, the prompt prefill made drafting look
+        four times dearer for the rest of the text, while forced probes still paid their catch-ups.)
+        A probe asks whether the text has come back to the draft's export-time agreement: it is taken only
+        if drafting at that agreement, catch-up included, would beat what the direct steps are realising.
+        """
+        stats = self.stats
+        per_token = self.stage2.catch_up_price() / target_s / self.state.remaining if target_s else 0.0
+        if not stats.probing:
+            return 1.0 / (1.0 / path_value + per_token) > direct_value
+        c = stats.draft_cost_ratio(draft_s, target_s)
+        hoped = 1.0 / (1.0 / stats.value(1, c, max(stats.prior_alpha, stats.alpha)) + per_token)
+        if hoped > max(direct_value, self.direct_stats.realized_value or 0.0):
+            return True
+        stats.skip_probe()
+        self.probes_skipped += 1
+        return False
+
+    def _path(self, depth: int) -> tuple[list[int], np.ndarray]:
+        t0 = time.perf_counter()
+        path = self.stage2.path(depth)
+        self.stats.add_time("draft", time.perf_counter() - t0)
+        self.draft_tokens += len(path)
+        emitted = _verify(self.state, self.stats, path)
+        self.state.draft.rollback(min(self.state.draft.length, self.state.target.length))
+        return emitted
 
     def publish(self) -> None:
         """Write the staged stats into the result; called once when decoding ends, not per step."""
@@ -193,6 +227,8 @@ class StagedStep:
             "draft_passes_per_path_token":
                 (self.state.draft.stats.passes - self.draft_passes_before) / max(self.draft_tokens, 1),
             "draft_path_steps": self.stats.steps, "ngram_direct_steps": self.direct_stats.steps,
+            "probes_skipped": self.probes_skipped,
+            "draft_seconds_priced": {"tree": stage2.tree_seconds, "catch_up": stage2.catch_up_seconds},
             "ngram_direct": self.direct_stats.out.get("speculative", {}),
             "ngram_sources": self.direct.sizing.summary()}
         _merge_histograms(self.state.stats["speculative"], self.direct_stats)
@@ -220,12 +256,8 @@ def _merge_histograms(out: dict, direct: SpecStats) -> None:
 
 def _path_token_seconds(state: DecodeState, draft_seconds: float,
                         path_tokens: int) -> tuple[float | None, float | None]:
-    """Draft seconds per path token and target seconds per pass, priced by the cached cost curves.
-
-    The draft's price includes its catch-up passes: after a stretch of direct n-gram steps the draft
-    first feeds every token it missed, which a path of a few tokens must pay for (counting only the
-    tree passes priced drafting too low). Curves, not clocks, keep the choice reproducible.
-    """
+    """Draft seconds per path token (tree passes only: catch-ups are priced when pending) and target
+    seconds per pass, by the cached cost curves. Curves, not clocks, keep the choice reproducible."""
     draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
     if not draft or not target:
         return None, None

@@ -30,6 +30,7 @@ class SpecStats:
     accepted: int = 0
     rejections: int = 0
     target_tokens: int = 0
+    cost: float = 0.0  # the steps' target passes in units of a one-token pass (priced by the cost curve)
     histogram: dict[int, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     prior_alpha: float = 0.6
@@ -70,6 +71,7 @@ class SpecStats:
         self.accepted += accepted
         self.rejections += int(accepted < drafted)
         self.target_tokens += target_tokens
+        self.cost += self.verify_cost(target_tokens)
         if self.probing:  # every probe waits twice as long for the next one, accepted or not: one token
             self.probing = False  # is weak evidence, and a probe pays the draft's catch-up over the whole gap
             self.probe_gap = min(2 * self.gap, self.probe_every_max)
@@ -78,6 +80,16 @@ class SpecStats:
         emitted = accepted + 1
         self.histogram[emitted] = self.histogram.get(emitted, 0) + 1
         self.publish()
+
+    @property
+    def realized_value(self) -> float | None:
+        """Tokens committed per unit of target cost over the steps so far (None before the first)."""
+        return (self.accepted + self.steps) / self.cost if self.steps else None
+
+    def skip_probe(self) -> None:
+        """A probe judged not worth its price: the next is considered after twice the wait, as after a failed one."""
+        self.probing = False
+        self.probe_gap = min(2 * self.gap, self.probe_every_max)
 
     def choose_k(self, limit: int, draft_seconds: float | None = None, target_seconds: float | None = None) -> int:
         """Draft length maximising expected speedup given measured acceptance and costs.
@@ -107,7 +119,7 @@ class SpecStats:
         if k == 0 and self.idle >= self.gap and limit >= 1:
             self.idle = 0
             self.probing = True
-            return 1, self._value(1, self.draft_cost_ratio(draft_seconds, target_seconds), self.alpha)
+            return 1, self.value(1, self.draft_cost_ratio(draft_seconds, target_seconds), self.alpha)
         return k, value
 
     @property
@@ -119,12 +131,13 @@ class SpecStats:
         alpha = self.alpha
         best_k, best = 0, 1.0 / self.verify_cost(1)
         for k in range(1, min(self.k_max, limit) + 1):
-            s = self._value(k, c, alpha)
+            s = self.value(k, c, alpha)
             if s > best:
                 best_k, best = k, s
         return best_k, best
 
-    def _value(self, k: int, c: float, alpha: float) -> float:
+    def value(self, k: int, c: float, alpha: float) -> float:
+        """Expected tokens per unit of target cost of drafting k tokens at acceptance alpha and draft cost ratio c."""
         return expected_tokens(alpha, k) / (k * c + self.verify_cost(k + 1))
 
     def draft_cost_ratio(self, draft_seconds: float | None, target_seconds: float | None) -> float:

@@ -278,3 +278,61 @@ def test_draft_cost_curve_is_timed_after_target_passes_and_cached(tiny_pair_bund
     assert engine.target.length == 0 and engine.draft.length == 0  # both re-fed by the next generation
     engine.generate("ab ab ab", max_new_tokens=8, mode="staged")
     assert len(list((bundle / "cache").glob("cost-curve.draft-*-after-target.json"))) == 1
+
+
+FLAT_TARGET = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.8, 32: 5.0}  # seconds per pass by rows: a made-up machine
+CHEAP_DRAFT = {1: 0.1, 4: 0.2, 32: 1.0}
+
+
+def _staged_step(pair, prompt_len: int, new_tokens: int, prior_alpha: float):
+    import numpy as np
+
+    from edgespec.runtime.decoding import DecodeState
+    from edgespec.runtime.sampling import SamplingParams
+    from edgespec.runtime.staged import StagedStep
+
+    pair.target.rollback(0)
+    pair.draft.rollback(0)
+    tokens = [3 + i % 7 for i in range(prompt_len)]
+    state = DecodeState(pair.target, pair.draft, tokens, SamplingParams(), np.random.default_rng(0),
+                        options={"prior_alpha": prior_alpha, "draft_cost_curve": CHEAP_DRAFT,
+                                 "target_cost_curve": FLAT_TARGET},
+                        end=prompt_len + new_tokens)
+    return StagedStep(state)
+
+
+def test_staged_prices_the_drafts_pending_catch_up(pair):
+    """A path worth 1.2 tokens per target pass against a direct 1.0 is taken only if the draft's catch-up
+    (here the whole 200-token prompt, ~5.9 target passes) can be spread over enough tokens still to come."""
+    from edgespec.runtime.decoding import catch_up
+
+    short = _staged_step(pair, 200, 16, prior_alpha=0.5)
+    assert short.stage2.catch_up_price() == pytest.approx(5.9, abs=0.1)
+    assert not short._path_pays(1.2, 1.0, 0.2, 1.0)
+    long = _staged_step(pair, 200, 56, prior_alpha=0.5)
+    assert long._path_pays(1.2, 1.0, 0.2, 1.0)
+    catch_up(short.state.draft, short.state.tokens, keep_last=1)
+    assert short.stage2.catch_up_price() == 0.0 and short._path_pays(1.2, 1.0, 0.2, 1.0)
+
+
+def test_staged_probes_only_when_the_drafts_agreement_could_beat_the_direct_steps(pair):
+    weak = _staged_step(pair, 40, 200, prior_alpha=0.5)
+    weak.direct_stats.record_step(drafted=3, accepted=3, target_tokens=4)  # direct steps realise 4 / 1.3
+    weak.stats.probing, gap = True, weak.stats.gap
+    assert not weak._path_pays(0.5, 1.0, 0.2, 1.0)
+    assert weak.probes_skipped == 1 and not weak.stats.probing and weak.stats.gap == 2 * gap
+    good = _staged_step(pair, 40, 200, prior_alpha=0.9)  # 1.9 tokens per 1.3 passes beats a direct 1.0
+    good.stats.probing = True
+    assert good._path_pays(0.5, 1.0, 0.2, 1.0) and good.probes_skipped == 0
+
+
+def test_staged_drafts_from_the_first_step_only_with_a_draft_that_pays(pair):
+    prompt = "The quick brown fox"
+    ar = pair.generate(prompt, max_new_tokens=32)
+    good = pair.generate(prompt, max_new_tokens=32, mode="staged", prior_alpha=0.95,
+                         draft_cost_curve=CHEAP_DRAFT, target_cost_curve=FLAT_TARGET)
+    weak = pair.generate(prompt, max_new_tokens=32, mode="staged", prior_alpha=0.05,
+                         draft_cost_curve={1: 0.9, 4: 1.2, 32: 6.0}, target_cost_curve=FLAT_TARGET)
+    assert good.token_ids == weak.token_ids == ar.token_ids
+    assert good.stats["staged"]["draft_path_steps"] > 0 and good.stats["draft_passes"] > 0
+    assert weak.stats["staged"]["draft_path_steps"] == 0 and weak.stats["draft_passes"] == 0
