@@ -16,57 +16,70 @@ import numpy as np
 from edgespec.runtime.bundle import save_cache_json
 from edgespec.runtime.model import ModelRunner
 
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+CURVE_FORMAT = 2  # in the cache file name: curves measured another way are measured again
 
 
-def measure_cost_curve(runner: ModelRunner, sizes: tuple[int, ...] = SIZES, prefix: int = 64,
-                       repeats: int = 3, between: ModelRunner | None = None) -> dict[int, float]:
-    """Median seconds of one pass with k new tokens after a `prefix`-token context.
+def measure_cost_curves(target: ModelRunner, draft: ModelRunner | None = None, sizes: tuple[int, ...] = SIZES,
+                        prefix: int = 192, rounds: int = 5) -> dict[str, dict[int, float]]:
+    """Median seconds of one pass with k new tokens after a `prefix`-token context, per model.
 
-    `between`, if given, runs a one-token pass before each timed pass, as decoding interleaves them:
-    the draft's passes follow the target's, which has pushed the draft's weights out of the caches.
-    Back to back a one-token draft pass costs 1.65 ms, after a target pass 2.14 ms (int8, bench/bench_draft.py).
-    Overwrites the KV of both runners: they are left empty (length 0), so callers measure before
-    decoding and the next pass re-feeds the context.
+    Decisions use ratios of these numbers (a 2-row pass against a 1-row one, a draft pass against a
+    target pass), and on a shared machine the speed drifts by 10-20 % within seconds. So every round
+    times each (model, size) once, in a shuffled order, and the median over rounds is kept: a slow
+    spell lands on all sizes and both models alike. Timed a size at a time (3 repeats in a row, prefix
+    64), the int4 target's 2-row pass came out 1.09x its 1-row pass and a 128-token draft catch-up
+    chunk 48 ms, against 1.15-1.22x and 70 ms measured inside decoding. Sizes run up to catch-up chunks.
+    Each draft pass follows a one-row target pass, as when drafting: the target's pass pushes the
+    draft's weights out of the caches (back to back a one-token int8 draft pass cost 1.65 ms, after a
+    target pass 2.14 ms). Overwrites both models' KV (left empty), so it runs before a generation.
     """
-    prefix = min(prefix, runner.max_context // 2)
-    sizes = tuple(k for k in sizes if k <= runner.max_chunk and prefix + k + 1 <= runner.max_context)
+    runners = {"target": target} | ({"draft": draft} if draft is not None else {})
+    prefix = min(prefix, target.max_context // 2)
     rng = np.random.default_rng(0)
-    for model in (runner, between):
-        if model is not None:
-            model.rollback(0)
-            model.prefill(rng.integers(0, model.vocab_size, prefix))
-    curve = {}
-    for k in sizes:
-        times = []
-        for _ in range(repeats + 1):
+    jobs = [(role, k) for role, runner in runners.items() for k in sizes
+            if k <= runner.max_chunk and prefix + k + 1 <= runner.max_context]
+    for runner in runners.values():
+        runner.rollback(0)
+        runner.prefill(rng.integers(0, runner.vocab_size, prefix))
+    times: dict[tuple[str, int], list[float]] = {job: [] for job in jobs}
+    for round_ in range(rounds + 1):  # round 0 warms up every size and is not kept
+        for i in rng.permutation(len(jobs)):
+            role, k = jobs[i]
+            runner = runners[role]
             tokens = rng.integers(0, runner.vocab_size, k)
-            if between is not None:
-                between.forward(tokens[:1])
-                between.rollback(prefix)
+            if role == "draft":
+                target.forward(tokens[:1])
+                target.rollback(prefix)
             t0 = time.perf_counter()
             runner.forward(tokens)
-            times.append(time.perf_counter() - t0)
+            if round_:
+                times[jobs[i]].append(time.perf_counter() - t0)
             runner.rollback(prefix)
-        curve[k] = float(np.median(times[1:]))
-    for model in (runner, between):
-        if model is not None:
-            model.rollback(0)
-    return curve
+    for runner in runners.values():
+        runner.rollback(0)
+    curves: dict[str, dict[int, float]] = {role: {} for role in runners}
+    for (role, k), samples in times.items():
+        curves[role][k] = float(np.median(samples))
+    return curves
 
 
-def cached_cost_curve(runner: ModelRunner, cache_dir: Path, key: str,
-                      between: ModelRunner | None = None) -> dict[int, float]:
-    """The curve from the bundle cache, measuring (and saving atomically) when absent."""
-    path = cache_dir / f"cost-curve.{key}.json"
+def cached_cost_curves(target: ModelRunner, draft: ModelRunner | None, cache_dir: Path,
+                       key: str) -> dict[str, dict[int, float]]:
+    """The curves from the bundle cache, measuring (and saving atomically) when absent."""
+    path = cache_dir / f"cost-curves.v{CURVE_FORMAT}.{key}.json"
     if path.is_file():
         try:
-            return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, json.JSONDecodeError):
-            path.unlink(missing_ok=True)
-    curve = measure_cost_curve(runner, between=between)
-    save_cache_json(path, curve)
-    return curve
+            saved = json.loads(path.read_text())
+            curves = {role: {int(k): float(v) for k, v in curve.items()} for role, curve in saved.items()}
+            if set(curves) == {"target"} | ({"draft"} if draft is not None else set()):
+                return curves
+        except (ValueError, AttributeError, json.JSONDecodeError):
+            pass
+        path.unlink(missing_ok=True)
+    curves = measure_cost_curves(target, draft)
+    save_cache_json(path, curves)
+    return curves
 
 
 def interpolate(curve: dict[int, float], k: int) -> float:

@@ -133,22 +133,20 @@ class Engine:
             pieces.clear()
         yield from pieces
 
-    def cost_curve(self, role: str = "target") -> dict[int, float]:
-        """Seconds of a pass per chunk length on this machine, measured once and kept in the bundle cache.
+    def measure_costs(self) -> dict[str, dict[int, float]]:
+        """Seconds of a pass per chunk length on this machine, per model, measured once and kept in the bundle cache.
 
         Adaptive draft sizes are computed from these cached curves and from acceptance counts only,
         never from live timings, so a seeded sampled generation repeats exactly. Measuring overwrites
-        the model's KV, so it is done before a generation starts.
+        the models' KV, so it is done before a generation starts. A spinning session's passes cost
+        less (SessionConfig), so spinning is part of the key.
         """
         from edgespec.runtime.bundle import CACHE_DIR
-        from edgespec.runtime.costs import cached_cost_curve
+        from edgespec.runtime.costs import cached_cost_curves
 
-        if role == "target":  # a spinning session's passes cost less (SessionConfig): another curve
-            spinning = "-spinning" if self.spinning else ""
-            return cached_cost_curve(self.target, self.manifest.root / CACHE_DIR, self._cache_key(role) + spinning)
-        # the draft's passes are timed after a target pass each, as they run when drafting
-        return cached_cost_curve(self.draft, self.manifest.root / CACHE_DIR, self._cache_key(role) + "-after-target",
-                                 between=self.target)
+        key = self._cache_key("target") + (f"+{self._cache_key('draft')}" if self.draft is not None else "")
+        return cached_cost_curves(self.target, self.draft, self.manifest.root / CACHE_DIR,
+                                  key + ("-spinning" if self.spinning else ""))
 
     def check_pass_sizes(self) -> dict:
         """This machine's verdict on whether the target computes a row alike in passes of every size
@@ -240,8 +238,7 @@ class ChatSession:
                                 f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
                                 'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
         if mode in COSTED_MODES and not engine.cost_curves:
-            engine.cost_curves = {role: engine.cost_curve(role) for role in ("target", "draft")
-                                  if role == "target" or engine.draft is not None}
+            engine.cost_curves = engine.measure_costs()
         reused = _common_prefix(self.tokens, tokens)
         for runner in (engine.target, engine.draft):
             if runner is not None and runner.length > reused:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgespec.runtime.engine import Engine, ModeError
@@ -263,21 +265,28 @@ def test_cost_curve_extrapolates_past_its_largest_measured_pass():
     assert interpolate({1: 2.0}, 8) == 2.0
 
 
-def test_draft_cost_curve_is_timed_after_target_passes_and_cached(tiny_pair_bundle, tmp_path):
-    """The draft's passes run right after the target's when drafting, so its curve is measured that way too."""
+def test_cost_curves_are_measured_together_and_cached(tiny_pair_bundle, tmp_path):
+    """Both models' curves come from one interleaved measurement (their ratios drive the sizing) and are
+    cached once per bundle, with the draft's passes each following a target pass as when drafting."""
     import shutil
 
-    from edgespec.runtime.costs import measure_cost_curve
+    from edgespec.runtime.costs import measure_cost_curves
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_pair_bundle, bundle, ignore=shutil.ignore_patterns("cache"))
     engine = Engine.load(bundle)
     engine.target.prefill([5, 6, 7])
-    curve = measure_cost_curve(engine.draft, sizes=(1, 4), repeats=1, between=engine.target)
-    assert set(curve) == {1, 4} and all(v > 0 for v in curve.values())
+    passes = engine.target.stats.passes
+    curves = measure_cost_curves(engine.target, engine.draft, sizes=(1, 4), rounds=2)
+    assert {role: set(c) for role, c in curves.items()} == {"target": {1, 4}, "draft": {1, 4}}
+    assert all(v > 0 for c in curves.values() for v in c.values())
+    # the prefix, then 3 rounds (1 warm-up) of 2 own passes and one before each of the 2 draft passes
+    assert engine.target.stats.passes - passes == 1 + 3 * (2 + 2)
     assert engine.target.length == 0 and engine.draft.length == 0  # both re-fed by the next generation
     engine.generate("ab ab ab", max_new_tokens=8, mode="staged")
-    assert len(list((bundle / "cache").glob("cost-curve.draft-*-after-target.json"))) == 1
+    cached = list((bundle / "cache").glob("cost-curves.v2.target-*+draft-*.json"))
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())) == {"target", "draft"}
+    assert Engine.load(bundle).measure_costs() == engine.cost_curves  # read back, not measured again
 
 
 FLAT_TARGET = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.8, 32: 5.0}  # seconds per pass by rows: a made-up machine
