@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,6 @@ class PassStats:
     passes: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    by_chunk: dict[int, list[float]] = field(default_factory=dict)
 
     def record(self, chunk: int, seconds: float) -> None:
         self.passes += 1
