@@ -24,8 +24,9 @@ from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
 QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "qdq")
 # Bumped whenever exported graphs change for the same options (3: causal fused targets and 8-bit embedding
-# tables, 2026-11-25), so a benchmark's reused bundle from older code is rebuilt instead of measured.
-GRAPH_FORMAT = 3
+# tables, 2026-11-25; 4: fused graphs compute logits from row `logits_from` on, 2026-12-01), so a benchmark's
+# reused bundle from older code is rebuilt instead of measured.
+GRAPH_FORMAT = 4
 
 
 @dataclass

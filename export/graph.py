@@ -67,6 +67,8 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
     the chunk to at least that many rows inside attention alone (see `_attention_padding`).
     Without `tree_mask` (fused only) attention is causal and ignores `attention_mask`: it skips
     building and adding the bias (0.5 ms of a 7.5 ms int4 pass of SmolLM2-135M), for chain-only graphs.
+    A fused graph computes logits for rows `logits_from`.. of the chunk only: the LM head is a fifth of
+    SmolLM2-135M's multiply-adds per row, and a prefill chunk needs the logits of its last row alone.
     """
     if variant not in ("fused", "static"):
         raise ValueError(f"unknown graph variant {variant!r}")
@@ -91,7 +93,11 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
     for name in kv_input_names(spec.num_layers):
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape))
     head_rows = weights["lm_head"].shape[0]  # below vocab_size for a draft with a restricted head
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, S, head_rows])]
+    logit_rows: int | str = S
+    if variant == "fused":
+        inputs.append(helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]))
+        logit_rows = "logit_rows"
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logit_rows, head_rows])]
 
     g.const("embed_tokens.weight", weights["embed_tokens"].astype(np.float32))
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], name="embed_tokens")
@@ -150,6 +156,9 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
 
     norm_w = g.const("final_norm.weight", weights["final_norm"].astype(np.float32))
     h, _ = _rms_norm(g, variant, x, residual, norm_w, spec.rms_norm_eps, "final_norm")
+    if variant == "fused":  # the LM head runs on rows logits_from.. only: a prefill chunk needs its last row's
+        h = g.op("Slice", [h, "logits_from", "chunk_len", g.const("logits_axis", np.array([1], np.int64))],
+                 name="logits_rows")
     if tie_lm_head and spec.tie_word_embeddings and head_rows == spec.vocab_size:
         flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, H], np.int64))])
         logits2d = g.op("Gemm", [flat, "embed_tokens.weight"], name="lm_head", transB=1)

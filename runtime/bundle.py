@@ -59,6 +59,11 @@ class GraphInfo:
     pass_size_invariant: bool = True  # False: an --ar-only target, whose one-row passes compute apart
     tree_mask: bool = True  # False: causal attention only, `attention_mask` is not read
 
+    @property
+    def tail_logits(self) -> bool:
+        """The graph takes `logits_from` and computes logits for the chunk's rows from there on (format 4 on)."""
+        return any(i.get("name") == "logits_from" for i in self.inputs)
+
     @staticmethod
     def from_json(d: dict) -> GraphInfo:
         return GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],

@@ -150,12 +150,14 @@ class _StepInputs:
     same position, and a mask in which every row sees only itself.
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, tail_logits: bool):
         self.ids = np.zeros((1, width), np.int64)
         self.positions = np.zeros((1, width), np.int64)
         self.past_length = np.zeros(1, np.int64)
         arrays = {"input_ids": self.ids, "position_ids": self.positions,
                   "attention_mask": np.eye(width, dtype=bool), "past_length": self.past_length}
+        if tail_logits:
+            arrays["logits_from"] = np.zeros(1, np.int64)
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
 
 
@@ -254,7 +256,7 @@ class ModelRunner:
                 binding.bind_ortvalue_output("present_" + name, value)
             else:
                 binding.bind_ortvalue_output("new_" + name, ort.OrtValue.ortvalue_from_numpy(new_kv[j]))
-        return _GraphSlot(graph, session, binding, new_kv, _StepInputs(self._width(graph, 1)))
+        return _GraphSlot(graph, session, binding, new_kv, _StepInputs(self._width(graph, 1), graph.tail_logits))
 
     def _width(self, graph: GraphInfo, n: int) -> int:
         """Rows a pass of `n` tokens runs with on `graph`: its static chunk, else n padded to `min_rows`."""
@@ -274,8 +276,9 @@ class ModelRunner:
         return self.max_context - self.length
 
     def forward(self, tokens: np.ndarray | list[int], positions: np.ndarray | None = None,
-                mask: np.ndarray | None = None) -> np.ndarray:
-        """Run one pass over `tokens`, writing their K/V at slots length..length+S-1; returns logits [S, V].
+                mask: np.ndarray | None = None, last_rows: int | None = None) -> np.ndarray:
+        """Run one pass over `tokens`, writing their K/V at slots length..length+S-1; returns logits [S, V],
+        or with `last_rows` those of the last rows only (fewer rows through the LM head, where the graph allows).
 
         Without `positions`/`mask` the chunk is a causal continuation. The returned array is a view
         into a preallocated buffer, valid until the next call. `length` advances by S; callers that
@@ -294,26 +297,27 @@ class ModelRunner:
         if mask is not None and not slot.info.tree_mask and not np.array_equal(mask, np.tri(n, dtype=bool)):
             raise ValueError(f"the {self.role} graph is causal: it ignores attention_mask and cannot run a tree pass "
                              "(targets verify a path, docs/speculative.md)")
+        first = max(0, n - last_rows) if last_rows and slot.info.tail_logits else 0
         if n == 1 and positions is None and mask is None:
             self._bind_step(slot, int(tokens[0]))
         else:
-            self._bind_chunk(slot, tokens, positions, mask, width)
-        if slot.logits_width != width:
-            slot.binding.bind_ortvalue_output("logits", self._logits_value(width))
-            slot.logits_width = width
-        logits = self._logits[:, :width]
+            self._bind_chunk(slot, tokens, positions, mask, width, first)
+        rows = width - first  # the logits output holds rows first..width-1 of the pass
+        if slot.logits_width != rows:
+            slot.binding.bind_ortvalue_output("logits", self._logits_value(rows))
+            slot.logits_width = rows
         t0 = time.perf_counter()
         slot.session.run_with_iobinding(slot.binding)
         self.stats.record(n, time.perf_counter() - t0)
         if self._head_logits is not None:
-            logits[0][:n, self.head_ids] = self._head_logits[0, :n]
+            self._logits[0][:n - first, self.head_ids] = self._head_logits[0, :n - first]
         if slot.new_kv is not None:
             end = self.length + n
             for i in range(len(self.keys)):
                 self.keys[i][:, :, self.length:end] = slot.new_kv[2 * i][:, :, :n]
                 self.values[i][:, :, self.length:end] = slot.new_kv[2 * i + 1][:, :, :n]
         self.length += n
-        return logits[0, :n]
+        return self._logits[0, :n - first]
 
     def _bind_step(self, slot: _GraphSlot, token: int) -> None:
         """Write a one-token causal pass into the slot's preallocated inputs (bound once, see _StepInputs)."""
@@ -327,7 +331,7 @@ class ModelRunner:
             slot.stepping = True
 
     def _bind_chunk(self, slot: _GraphSlot, tokens: np.ndarray, positions: np.ndarray | None,
-                    mask: np.ndarray | None, width: int) -> None:
+                    mask: np.ndarray | None, width: int, first: int) -> None:
         """Bind (copies of) a chunk's inputs, padded to `width`; without positions/mask a causal continuation."""
         n = len(tokens)
         if positions is None:
@@ -345,6 +349,8 @@ class ModelRunner:
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64).reshape(1, width))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         b.bind_cpu_input("past_length", np.array([self.length], np.int64))
+        if slot.info.tail_logits:
+            b.bind_cpu_input("logits_from", np.array([first], np.int64))
         slot.stepping = False
 
     def _logits_value(self, width: int) -> ort.OrtValue:
@@ -378,7 +384,7 @@ class ModelRunner:
         tokens = np.asarray(tokens, dtype=np.int64)
         logits = None
         for i in range(0, len(tokens), self.max_chunk):
-            logits = self.forward(tokens[i:i + self.max_chunk])
+            logits = self.forward(tokens[i:i + self.max_chunk], last_rows=1)
         if logits is None:
             raise ValueError("prefill needs at least one token")
         return logits[-1]

@@ -63,6 +63,28 @@ def test_kv_buffer_is_the_same_object_after_100_steps(engine):
     assert not np.array_equal(snapshot[:, :, :100], runner.keys[0][:, :, :100])
 
 
+def test_a_prefill_chunk_runs_the_lm_head_on_its_last_row_only(engine, tiny_pair_bundle):
+    """The graph's logits output holds the rows from `logits_from` on, with the same bits as a full pass's
+    (a restricted draft head too), and the next pass sees the same K/V as after a full pass."""
+    pair = Engine.load(tiny_pair_bundle)
+    tokens = [5, 6, 7, 8, 9, 10, 11]
+    for runner in (engine.target, pair.draft):
+        assert all(slot.info.tail_logits for slot in runner._slots)
+        runner.rollback(0)
+        full = runner.forward(tokens).copy()
+        runner.rollback(0)
+        tail = runner.forward(tokens, last_rows=1)
+        assert tail.shape == (1, full.shape[1]) and np.array_equal(tail[0], full[-1])
+        assert runner._slots[0].logits_width == 1  # the bound output buffer is one row: the head ran on one
+        runner.rollback(0)
+        assert np.array_equal(runner.prefill(tokens), full[-1])
+        after_tail = runner.forward([12])[0].copy()  # the K/V the tail-only pass wrote are a full pass's
+        runner.rollback(0)
+        runner.forward(tokens)
+        assert np.array_equal(runner.forward([12])[0], after_tail)
+        runner.rollback(0)
+
+
 def test_greedy_is_deterministic_and_temperature_zero_is_greedy(engine):
     a = engine.generate("hello world", max_new_tokens=20)
     b = engine.generate("hello world", max_new_tokens=20, temperature=0.0, seed=123)
