@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ensure_bundle, git_rev, machine, prompt_set, write_section
+from common import ensure_bundle, git_rev, is_current, machine, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import physical_cores
@@ -91,7 +91,7 @@ def bundle_for(work: Path, quant: str, loaded_cache: dict) -> Path:
     if quant not in VARIANTS:
         return ensure_bundle(work, quant, loaded_cache)
     out = work / f"smollm2-{quant}"
-    if (out / "manifest.json").is_file():
+    if is_current(out):
         return out
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle

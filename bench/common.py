@@ -43,6 +43,18 @@ def prompt_set(name: str, n: int) -> list[str]:
     raise ValueError(f"unknown prompt set {name}")
 
 
+def is_current(bundle: Path) -> bool:
+    """A bundle exported by the current graph code (a benchmark never measures graphs older code made)."""
+    from edgespec.export.bundle import GRAPH_FORMAT
+
+    if not (bundle / "manifest.json").is_file():
+        return False
+    if json.loads((bundle / "manifest.json").read_text()).get("graph_format") == GRAPH_FORMAT:
+        return True
+    print(f"{bundle} was exported by older graph code: exporting it again", flush=True)
+    return False
+
+
 def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
     """The default model's bundle for `quant` under `work`, exported once and reused."""
     from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig, cache_key
@@ -56,12 +68,10 @@ def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:
         # size) exports a new bundle instead of measuring the draft an older default made.
         settings = cache_key("", distill.key_fields())[:8]
         out = out.with_name(out.name + f"-distill{distill_minutes:g}-head{DEFAULT_HEAD_TOKENS}-{settings}")
-    from edgespec.export.bundle import GRAPH_FORMAT, ExportOptions
+    from edgespec.export.bundle import ExportOptions
 
-    if (out / "manifest.json").is_file():
-        if json.loads((out / "manifest.json").read_text()).get("graph_format") == GRAPH_FORMAT:
-            return out
-        print(f"{out} was exported by older graph code: exporting it again", flush=True)
+    if is_current(out):
+        return out
     from edgespec.export.cli import export_bundle
     from edgespec.export.sources import load
 
