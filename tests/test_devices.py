@@ -326,6 +326,8 @@ def _greedy(session, spec, chunk, prompt, steps, max_context=64):
         mask[:n, :n] = np.tri(n, dtype=bool)
         feeds = {"input_ids": ids, "position_ids": pos.astype(np.int64), "attention_mask": mask,
                  "past_length": np.array([length], np.int64)}
+        if any(i.name == "logits_from" for i in session.get_inputs()):  # fused graphs: logits for every row
+            feeds["logits_from"] = np.array([0], np.int64)
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)

@@ -47,7 +47,8 @@ def test_kv_inputs_are_static_max_context(tiny_bundle):
     for v in kv:
         assert _dims(v) == [1, 2, 256, 16]
     logits = next(v for v in model.graph.output if v.name == "logits")
-    assert _dims(logits)[1] == "chunk"  # every position of the chunk gets logits
+    assert _dims(logits)[1] == "logit_rows"  # the rows from `logits_from` on get logits
+    assert [i.name for i in model.graph.input if i.name == "logits_from"] == ["logits_from"]
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ def run_fused(model: onnx.ModelProto, tokens: list[int], step: int, pad_single: 
         b.bind_cpu_input("position_ids", np.arange(pos, pos + n, dtype=np.int64)[None])
         b.bind_cpu_input("attention_mask", np.tril(np.ones((n, n), bool)))
         b.bind_cpu_input("past_length", np.array([pos], np.int64))
+        b.bind_cpu_input("logits_from", np.array([0], np.int64))
         b.bind_output("logits")
         for name, value in kv.items():
             b.bind_ortvalue_input(name, value)
@@ -266,7 +267,8 @@ def test_calibration_feeds_carry_real_kv(static, fused, tiny):
             ref_feed = {i.name: np.zeros(i.shape, np.float32) for i in sess.get_inputs()
                         if i.name.startswith(("past_key", "past_value"))}
             ref_feed.update(input_ids=np.array(prompt[:start])[None], position_ids=np.arange(start)[None],
-                            attention_mask=np.tril(np.ones((start, start), bool)), past_length=np.array([0]))
+                            attention_mask=np.tril(np.ones((start, start), bool)), past_length=np.array([0]),
+                            logits_from=np.array([0]))
             ref_key = sess.run(["present_key.1"], ref_feed)[0]
             np.testing.assert_allclose(key[:, :, :start], ref_key[:, :, :start], atol=1e-5)
 
