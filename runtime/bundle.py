@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,10 @@ class GraphInfo:
     pass_size_invariant: bool = True  # False: an --ar-only target, whose one-row passes compute apart
     tree_mask: bool = True  # False: causal attention only, `attention_mask` is not read
 
-    @property
+    @cached_property
     def tail_logits(self) -> bool:
-        """The graph takes `logits_from` and computes logits for the chunk's rows from there on (format 4 on)."""
+        """The graph takes `logits_from` and computes logits for the chunk's rows from there on (format 4 on).
+        Cached: every chunk pass asks, and the graph's ~65 inputs do not change."""
         return any(i.get("name") == "logits_from" for i in self.inputs)
 
     @staticmethod

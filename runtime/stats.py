@@ -73,8 +73,7 @@ class SpecStats:
         self.target_tokens += target_tokens
         self.cost += self.verify_cost(target_tokens)
         if self.probing:  # every probe waits twice as long for the next one, accepted or not: one token
-            self.probing = False  # is weak evidence, and a probe pays the draft's catch-up over the whole gap
-            self.probe_gap = min(2 * self.gap, self.probe_every_max)
+            self._back_off()  # is weak evidence, and a probe pays the draft's catch-up over the whole gap
         elif drafted:  # drafting paid by itself: once it stops paying, probe again soon
             self.probe_gap = self.probe_every
         emitted = accepted + 1
@@ -87,7 +86,10 @@ class SpecStats:
         return (self.accepted + self.steps) / self.cost if self.steps else None
 
     def skip_probe(self) -> None:
-        """A probe judged not worth its price: the next is considered after twice the wait, as after a failed one."""
+        """A probe judged not worth its price: the next is considered after twice the wait, as after a taken one."""
+        self._back_off()
+
+    def _back_off(self) -> None:
         self.probing = False
         self.probe_gap = min(2 * self.gap, self.probe_every_max)
 
