@@ -171,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--quants", nargs="+", default=["fp32", "int8", "int4", *VARIANTS])
+    ap.add_argument("--quants", nargs="+", default=["fp32", "int8", "int4", "w8a8", *VARIANTS])
     ap.add_argument("--work-dir", default="bench/.work")
     ap.add_argument("--no-genai", action="store_true")
     ap.add_argument("--write-docs", action="store_true")

@@ -22,7 +22,7 @@ from edgespec.export.graph import build_decoder
 from edgespec.export.sources import LoadedModel
 from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
-QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "qdq")
+QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "w8a8", "qdq")
 # Bumped whenever exported graphs change for the same options (3: causal fused targets and 8-bit embedding
 # tables, 2026-11-25; 4: fused graphs compute logits from row `logits_from` on, 2026-12-01), so a benchmark's
 # reused bundle from older code is rebuilt instead of measured.
@@ -60,8 +60,9 @@ class ExportOptions:
             raise ExportError(f"--static-chunk must be in 1..max_context, got {self.static_chunk}")
         if self.quant == "qdq" and self.device != "npu":
             raise ExportError("--quant qdq makes static QDQ graphs for NPUs: use it with --device npu")
-        if self.device == "npu" and self.quant in ("int8", "int4"):
-            raise ExportError("NPU providers cannot run MatMulNBits (int8/int4) graphs: use --quant qdq, fp16 or fp32")
+        if self.device == "npu" and self.quant in ("int8", "int4", "w8a8"):
+            raise ExportError("NPU providers cannot run MatMulNBits or MatMulIntegerToFloat (int8/int4/w8a8) "
+                              "graphs: use --quant qdq, fp16 or fp32")
 
 
 def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
@@ -98,6 +99,11 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
                 {"method": "qdq", "activations": options.qdq_activations, "weights": "uint8"})
     from edgespec.quant.embedding import quantize_embedding
 
+    if q == "w8a8":
+        from edgespec.quant.rowwise import quantize_rowwise
+        model, embedding = quantize_embedding(quantize_rowwise(model))
+        return model, {"method": "w8a8", "weights": "int8 per output channel (RTN)",
+                       "activations": "int8 per row (dynamic)", **embedding}
     bits = 4 if q == "int4" else 8
     if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
         from edgespec.quant.gguf_exact import carry_gguf_blocks

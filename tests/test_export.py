@@ -263,7 +263,8 @@ def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4)
         assert pass_size_mismatches(runner)[1] == [], bundle.name  # the runtime's own check agrees
 
 
-@pytest.mark.parametrize("quant, device", [("fp16", "cpu"), ("qdq", "npu"), ("int8", "cpu"), ("int4", "cpu")])
+@pytest.mark.parametrize("quant, device", [("fp16", "cpu"), ("qdq", "npu"), ("int8", "cpu"), ("int4", "cpu"),
+                                           ("w8a8", "cpu")])
 def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, device):
     out = tmp_path / f"tiny-{quant}"
     export_bundle(str(tiny_dir), out, options=ExportOptions(quant=quant, device=device, max_context=128,
@@ -274,7 +275,7 @@ def test_every_quantization_exports_and_generates(tiny_dir, tmp_path, quant, dev
         assert graph["parity"]["positions"] == 160
         # a tiny random model with wide weights (chance is 1/84); the real model's bounds are tested below
         assert graph["parity"]["top1_agreement"] > 0.25
-    if quant in ("int4", "int8"):  # the fp32 table would outweigh the quantized layers
+    if quant in ("int4", "int8", "w8a8"):  # the fp32 table would outweigh the quantized layers
         for graph in manifest.raw["models"]["target"]["graphs"].values():
             model = onnx.load(str(out / graph["file"]), load_external_data=False)
             assert [n.op_type for n in model.graph.node if n.name == "embed_tokens"] == ["GatherBlockQuantized"]
