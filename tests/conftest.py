@@ -73,5 +73,11 @@ def default_int8(default_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_w8a8(default_model, tmp_path_factory) -> Path:
+    """W8A8 target with the same kind of draft and table as default_int8."""
+    return _default_bundle(default_model, tmp_path_factory, "w8a8", derive_layers=4, ngram_tokens=1500)
+
+
+@pytest.fixture(scope="session")
 def default_int4(default_model, tmp_path_factory) -> Path:
     return _default_bundle(default_model, tmp_path_factory, "int4")

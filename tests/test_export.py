@@ -248,10 +248,10 @@ def test_default_quantized_parity(default_int8, default_int4):
 
 
 @pytest.mark.slow
-def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4):
+def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4, default_w8a8):
     """Lossless speculation needs a row's logits to be the same whatever else shares its pass."""
     seq = list(np.random.default_rng(1).integers(100, 40000, 160))
-    for bundle in (default_int8, default_int4):
+    for bundle in (default_int8, default_int4, default_w8a8):
         manifest = load_manifest(bundle)
         runner = ModelRunner.open(manifest, "target", SessionConfig(cache_optimized=False))
         results = []

@@ -1,4 +1,4 @@
-"""Greedy speculation on the real model (int8 bundle) gives token ids identical to `ar`."""
+"""Greedy speculation on the real model (int8 and W8A8 bundles) gives token ids identical to `ar`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from edgespec.runtime.engine import Engine
 
 
 @pytest.mark.slow
-def test_humaneval_subset_spec_staged_ngram_identical_to_ar(default_int8):
-    engine = Engine.load(default_int8)
+@pytest.mark.parametrize("bundle", ["default_int8", "default_w8a8"])
+def test_humaneval_subset_spec_staged_ngram_identical_to_ar(bundle, request):
+    engine = Engine.load(request.getfixturevalue(bundle))
     assert engine.draft is not None and engine.ngram_model is not None
     prompts = humaneval_prompts()
     assert len(prompts) == 164
