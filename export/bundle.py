@@ -101,9 +101,11 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
 
     if q == "w8a8":
         from edgespec.quant.rowwise import quantize_rowwise
+        from edgespec.quant.smooth import ALPHA
         model, embedding = quantize_embedding(quantize_rowwise(model))
         return model, {"method": "w8a8", "weights": "int8 per output channel (RTN)",
-                       "activations": "int8 per row (dynamic)", **embedding}
+                       "activations": "int8 per row (dynamic)", "smoothing": f"SmoothQuant, alpha {ALPHA}",
+                       **embedding}
     bits = 4 if q == "int4" else 8
     if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
         from edgespec.quant.gguf_exact import carry_gguf_blocks
@@ -119,6 +121,23 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
     model, embedding = quantize_embedding(model)
     return model, {"method": q, "weights": "rtn", "bits": bits, "block_size": options.block_size,
                    "lm_head_bits": options.lm_head_bits, "accuracy_level": 4, **embedding}
+
+
+def _smoothed_weights(loaded: LoadedModel, rope, options: ExportOptions) -> dict[str, np.ndarray]:
+    """W8A8 rounds each activation row with one scale: first move outlier channels into the weights
+    (quant/smooth.py), calibrated on distillation prompts (none of the benchmarks' or parity's prompts)."""
+    from edgespec.export.distill_prompts import CODE_TASKS, PROSE_TASKS
+    from edgespec.quant.smooth import activation_maxima, smooth_weights
+
+    tok = loaded.tokenizer
+    texts = CODE_TASKS[:4] + PROSE_TASKS[:4]
+    if tok.chat_template:
+        token_lists = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)) for t in texts]
+    else:
+        token_lists = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    fp32 = build_decoder(loaded.spec, loaded.weights, rope, options.max_context)
+    return smooth_weights(loaded.weights, loaded.spec, activation_maxima(fp32, token_lists))
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
@@ -142,6 +161,7 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
     if loaded.head_ids is not None:
         np.save(root / role / "head_ids.npy", loaded.head_ids.astype(np.int64))
         entry["head_ids"] = f"{role}/head_ids.npy"
+    weights = _smoothed_weights(loaded, rope, options) if options.quant == "w8a8" else loaded.weights
     for name, (variant, chunk) in graph_plan(options).items():
         t0 = time.perf_counter()
         # a fused target pads attention to two rows itself (pass-size invariance, see runtime/model.py)
@@ -151,7 +171,7 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
         # is causal and skips building and adding the tree bias: 3.5-5 % of a one-row pass on the int4 and int8
         # default bundles, with bitwise the same logits for every causal pass.
         tree_mask = not (role == "target" and variant == "fused")
-        model = build_decoder(loaded.spec, loaded.weights, rope, options.max_context, variant, chunk,
+        model = build_decoder(loaded.spec, weights, rope, options.max_context, variant, chunk,
                               tie_lm_head=tie, attention_rows=rows, tree_mask=tree_mask)
         model, qinfo = _quantize(model, loaded, variant, options, calibration)
         rel = f"{role}/{name}.onnx"

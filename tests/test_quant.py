@@ -17,7 +17,8 @@ from edgespec.quant.fp16 import to_fp16
 from edgespec.quant.gguf_exact import UnsupportedGGUFError, carry_gguf_blocks
 from edgespec.quant.qdq import MASK_FLOOR, calibration_feeds, quantize_qdq
 from edgespec.quant.rowwise import per_channel_int8, quantize_rowwise
-from edgespec.quant.weight_only import quantize_weight_only
+from edgespec.quant.smooth import activation_maxima, smooth_weights
+from edgespec.quant.weight_only import quantize_weight_only, quantized_linear_names
 
 MAX_CONTEXT = 64
 CHUNK = 4
@@ -204,6 +205,29 @@ def test_w8a8_logits_close_to_fp32_and_independent_of_pass_size(fused, tokens):
     fp32 = run_fused(fused, tokens, len(tokens))
     assert rel_err(ref, fp32) < 0.03
     assert (ref.argmax(-1) == fp32.argmax(-1)).mean() >= 0.9
+
+
+def test_smoothing_keeps_the_function_and_helps_w8a8_with_outlier_channels(tiny, tokens):
+    # Give layer 0's down-projection input outlier channels, as SmolLM2's have (up to thousands of times the median):
+    # per-row int8 then rounds that row's other entries coarsely, and smoothing must win most of that back.
+    weights = dict(tiny.weights)
+    up = weights["layers.0.up_proj"].copy()
+    up[:3] *= 300.0
+    weights["layers.0.up_proj"] = up
+    weights["layers.0.down_proj"] = weights["layers.0.down_proj"].copy()
+    weights["layers.0.down_proj"][:, :3] /= 300.0
+    plain = build_decoder(tiny.spec, weights, tiny.rope(MAX_CONTEXT), MAX_CONTEXT)
+    calibration = [tokens[:12], tokens[12:]]
+    maxima = activation_maxima(plain, calibration)
+    assert set(maxima) == set(quantized_linear_names(plain))
+    assert maxima["layers.0.down_proj"][:3].min() > 20 * np.median(maxima["layers.0.down_proj"])
+    smoothed = build_decoder(tiny.spec, smooth_weights(weights, tiny.spec, maxima), tiny.rope(MAX_CONTEXT), MAX_CONTEXT)
+    ref = run_fused(plain, tokens, len(tokens))
+    assert rel_err(run_fused(smoothed, tokens, len(tokens)), ref) < 1e-4  # the same function in fp32
+    before = rel_err(run_fused(quantize_rowwise(plain), tokens, len(tokens)), ref)
+    after = rel_err(run_fused(quantize_rowwise(smoothed), tokens, len(tokens)), ref)
+    assert after < 0.7 * before, (before, after)
+    assert np.array_equal(weights["layers.0.up_proj"], up), "the input weights must not be modified"
 
 
 def test_per_tensor_dynamic_int8_would_depend_on_the_pass(fused, tokens):
