@@ -2,7 +2,8 @@
 
 `MatMulNBits` (int4/int8 bundles) quantizes activations per row and block, so its result for a row does not
 depend on the pass, but its CPU kernel costs nearly as much per extra row as for the first: on the Intel
-Xeon machine (AVX512-VNNI, AMX) an 8-row pass of the int4 target costs 2.5x a one-row pass, 128 rows 25x.
+Xeon machine (AVX512-VNNI, AMX) an 8-row pass of the int4 target costs 2.2x a one-row pass, 128 rows 23x
+(runtime/costs.py curves, docs/speculative.md).
 onnxruntime's u8·s8 integer GEMM (`MatMulIntegerToFloat`) is nearly flat in the row count there, but
 onnxruntime's quantizers feed it one activation scale per tensor (`DynamicQuantizeLinear`), which makes
 a row's logits depend on the other rows of its pass and breaks lossless speculation (design/feasibility.md).

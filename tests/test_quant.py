@@ -196,7 +196,8 @@ def test_w8a8_replaces_every_linear_and_computes_the_reference(fused, tiny):
 def test_w8a8_logits_close_to_fp32_and_independent_of_pass_size(fused, tokens):
     # Per-row activation scales make a row's codes independent of the rest of its pass, and int32 products are
     # exact, so every pass size gives the same bits (per-tensor dynamic int8 does not: a test of that below).
-    # Error measured on this model: ~1 % of the largest logit; a wrong zero point or scale gives ~100 %.
+    # Error measured on this model: 0.34 % of the largest logit, argmax equal everywhere; a wrong zero point or
+    # scale gives ~100 %.
     q = quantize_rowwise(fused)
     ref = run_fused(q, tokens, 8)
     for step in (2, 3, 24):
@@ -209,7 +210,8 @@ def test_w8a8_logits_close_to_fp32_and_independent_of_pass_size(fused, tokens):
 
 def test_smoothing_keeps_the_function_and_helps_w8a8_with_outlier_channels(tiny, tokens):
     # Give layer 0's down-projection input outlier channels, as SmolLM2's have (up to thousands of times the median):
-    # per-row int8 then rounds that row's other entries coarsely, and smoothing must win most of that back.
+    # per-row int8 then rounds that row's other entries coarsely, and smoothing must win much of that back.
+    # Measured: 0.59 % of the largest logit unsmoothed, 0.39 % smoothed; smoothing alone moves fp32 logits by 2e-7.
     weights = dict(tiny.weights)
     up = weights["layers.0.up_proj"].copy()
     up[:3] *= 300.0
