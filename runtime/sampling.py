@@ -57,22 +57,23 @@ def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int] | np.nd
 
 
 def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Logits [..., V] → probabilities [..., V] (float64) after temperature, top-k and top-p.
+    """Logits [..., V] → probabilities [..., V] (float32) after temperature, top-k and top-p.
 
     Greedy becomes a one-hot on the argmax, which makes the speculative rules reduce to
-    "accept while the draft equals the target's argmax".
+    "accept while the draft equals the target's argmax". float32 as the graphs' logits are: in float64 a
+    49k-vocabulary row took 0.5 ms against 0.1 (a verification of 8 rows 5 ms, a quarter of a target pass);
+    every mode draws from the same rows, so the modes' distributions stay identical.
     """
     if params.greedy:  # the argmax of the logits as given: no float64 copy of [rows, vocab]
         probs = np.zeros(np.shape(logits))
         np.put_along_axis(probs, np.asarray(logits).argmax(-1)[..., None], 1.0, axis=-1)
         return probs
-    logits = np.asarray(logits, dtype=np.float64)
-    scaled = logits / params.temperature
+    scaled = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -params.top_k, axis=-1)[..., -params.top_k][..., None]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    scaled = scaled - scaled.max(-1, keepdims=True)
-    probs = np.exp(scaled)
+    scaled -= scaled.max(-1, keepdims=True)
+    probs = np.exp(scaled, out=scaled)
     probs /= probs.sum(-1, keepdims=True)
     if params.top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")

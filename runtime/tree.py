@@ -52,6 +52,17 @@ class DraftTree:
     def position_ids(self, past_length: int) -> np.ndarray:
         return past_length + self.depth()
 
+    def behind(self, chain: int, past_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Position ids and mask of one pass over `chain` causal tokens followed by this tree, rooted after
+        them: a model that lags behind the committed text catches up in the same pass as its tree."""
+        n = chain + len(self.tokens)
+        mask = np.zeros((n, n), bool)
+        mask[:chain, :chain] = np.tri(chain, dtype=bool)
+        mask[chain:, :chain] = True
+        mask[chain:, chain:] = self.attention_mask()
+        positions = np.concatenate([past_length + np.arange(chain), self.position_ids(past_length + chain)])
+        return positions, mask
+
     def children(self, i: int) -> list[int]:
         return [j for j in range(i + 1, len(self.tokens)) if self.parents[j] == i]
 
