@@ -33,7 +33,7 @@ from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.sampling import sample
 from edgespec.runtime.speculative import distributions, require_draft
-from edgespec.runtime.stats import SpecStats
+from edgespec.runtime.stats import SpecStats, expected_tokens
 from edgespec.runtime.tree import DraftTree
 
 
@@ -179,9 +179,13 @@ class StagedDrafter:
         alone = sum(interpolate(self.curve, min(chunk, own - start)) for start in range(0, own, chunk))
         return alone + interpolate(self.curve, along + tree_rows) - interpolate(self.curve, tree_rows)
 
-    def path(self, depth: int, sampled: bool = False) -> tuple[list[int], list[np.ndarray]]:
-        """The draft's continuation of `state.tokens`, `depth` tokens long (draft KV kept in step): its argmax,
-        or drawn from it if `sampled`; with sampling settings also the draft's distribution at each token."""
+    def path(self, depth: int, sampled: bool = False, reach: int = 0) -> tuple[list[int], list[np.ndarray]]:
+        """The draft's continuation of `state.tokens` (draft KV kept in step): its argmax, or drawn from it if
+        `sampled`; with sampling settings also the draft's distribution at each token.
+
+        Draft passes run until the path holds `depth` tokens; n-gram guesses may reach further, up to `reach`
+        tokens in all: where the draft agrees with them in its last pass, the path holds more than `depth`
+        tokens for no further draft pass."""
         draft, tokens, greedy = self.state.draft, self.state.tokens, self.state.params.greedy
         path: list[int] = []
         q_rows: list[np.ndarray] = []
@@ -189,7 +193,7 @@ class StagedDrafter:
         first = True
         while len(path) < depth and draft.capacity > 1:
             room = min(draft.capacity, draft.max_chunk) - 2 - self.width  # root and side branches fit the pass too
-            guess = self.drafter.propose(path, max(0, min(depth - len(path), room)))
+            guess = self.drafter.propose(path, max(0, min(max(depth, reach - 1) - len(path), room)))
             tree = DraftTree.rooted(pending)
             chain = tree.add_chain(0, guess)
             for alt in self.drafter.alternatives(path, guess[0] if guess else None, self.width):
@@ -223,7 +227,8 @@ class StagedDrafter:
             self.ngram_accepted += sum(1 for i in kept[1:] if i in chain)
             path += matched + [nxt]
             pending = nxt
-        return path[:depth], q_rows[:depth]
+        end = max(depth, reach)
+        return path[:end], q_rows[:end]
 
 
 class StagedStep:
@@ -252,12 +257,12 @@ class StagedStep:
         limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
         if self.fixed is not None:
             depth = max(0, min(int(self.fixed), limit))
-            return self._path(depth) if depth else self.direct.step(self.direct.propose(limit))
+            return self._path(depth, depth) if depth else self.direct.step(self.direct.propose(limit))
         draft_s, target_s = _path_token_seconds(state, self.stage2.tree_seconds, self.draft_tokens)
         depth, path_value = stats.choose(limit, draft_s, target_s)
         direct = self.direct.propose(limit)
         if depth and self._path_pays(path_value, direct[2], draft_s, target_s):
-            return self._path(min(depth, limit))
+            return self._path(min(depth, limit), min(limit, stats.k_max), stats.draft_cost_ratio(draft_s, target_s))
         return self.direct.step(direct)
 
     def _path_pays(self, path_value: float, direct_value: float, draft_s: float | None,
@@ -283,10 +288,18 @@ class StagedStep:
         self.probes_skipped += 1
         return False
 
-    def _path(self, depth: int) -> tuple[list[int], np.ndarray]:
+    def _path(self, depth: int, reach: int, draft_cost: float = 0.0) -> tuple[list[int], np.ndarray]:
+        """Verify the draft's path: `depth` tokens, or up to `reach` where the draft confirmed n-gram guesses
+        beyond it, cut where the expected tokens per unit of cost (its draft passes priced in) peak."""
         t0 = time.perf_counter()
         rule = None if self.state.params.greedy else self.rule
-        path, q = self.stage2.path(depth, sampled=rule is not None and rule.sampled)
+        passes = self.state.draft.stats.passes
+        path, q = self.stage2.path(depth, sampled=rule is not None and rule.sampled, reach=reach)
+        if len(path) > depth:
+            spent = (self.state.draft.stats.passes - passes) * draft_cost
+            alpha, cost = self.stats.alpha, self.stats.verify_cost
+            k = max(range(depth, len(path) + 1), key=lambda k: expected_tokens(alpha, k) / (spent + cost(k + 1)))
+            path, q = path[:k], q[:k]
         self.stats.add_time("draft", time.perf_counter() - t0)
         self.draft_tokens += len(path)
         emitted = _verify(self.state, self.stats, path, q, rule)
