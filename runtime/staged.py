@@ -117,8 +117,8 @@ class DirectNgram:
 class ProposalRule:
     """Sampling only: whether the draft's path is its argmax or a sample from it. A peaked draft's argmax
     often matches where the target's mass is (p(x) high), while a spread-out pair of distributions agrees
-    more in sum min(p, q); on the w8a8 pair at T=0.8 over 8 prompts, sampling the path took HumanEval from
-    1.91 to 1.52 tokens per target pass and prose from 1.17 to 1.21. Both acceptances are known exactly at
+    more in sum min(p, q) (w8a8 pair, T=0.8, 8 prompts: tokens accepted per path step 0.40 with the argmax
+    against 0.50 sampled on HumanEval, 0.30 against 0.33 on prose). Both acceptances are known exactly at
     every verified position, whichever rule ran, so the path follows the better running sum. The choice
     reads past steps only, so each step stays exact."""
 
@@ -142,7 +142,7 @@ class ProposalRule:
 
 
 class StagedDrafter:
-    """Stage 2: grow the draft model's greedy path, several tokens per draft pass."""
+    """Stage 2: grow the draft model's path, several tokens per draft pass."""
 
     def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
         self.state, self.stats, self.drafter = state, stats, drafter
