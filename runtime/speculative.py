@@ -42,6 +42,23 @@ def distributions(state: DecodeState, logits: np.ndarray, tails: list[list[int]]
     return process_logits(logits, state.params)
 
 
+class RowDistributions:
+    """`distributions` row by row, each row computed when first read (`rows[i]` or `rows[i, token]`): the
+    acceptance rules read rows only up to the first rejection and a tree walk only the nodes it visits, while
+    with sampling a 49k-token row costs 0.1 ms and a verification or stage-2 tree holds up to 15 rows."""
+
+    def __init__(self, state: DecodeState, logits: np.ndarray, tails: list[list[int]]):
+        self.state, self.logits, self.tails = state, logits, tails
+        self.rows: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, *rest = key if isinstance(key, tuple) else (key,)
+        row = self.rows.get(i)
+        if row is None:
+            row = self.rows[i] = distributions(self.state, self.logits[i:i + 1], [self.tails[i]])[0]
+        return row[rest[0]] if rest else row
+
+
 def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndarray]:
     """One draft-then-verify step; returns the committed tokens and the target's logits for them.
 

@@ -32,7 +32,7 @@ from edgespec.runtime.decoding import DecodeState, catch_up
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.sampling import sample
-from edgespec.runtime.speculative import distributions, require_draft
+from edgespec.runtime.speculative import RowDistributions, require_draft
 from edgespec.runtime.stats import SpecStats, expected_tokens
 from edgespec.runtime.tree import DraftTree
 
@@ -50,7 +50,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[n
     t0 = time.perf_counter()
     start = target.length
     logits = target.forward([tokens[-1]] + proposal)
-    p = distributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
+    p = RowDistributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
     if rule is not None and rule.sampled:
         n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q).reshape(len(proposal), -1),
                                        p, state.rng)
@@ -214,7 +214,7 @@ class StagedDrafter:
             logits = draft.forward(lagging + tree.tokens, positions=positions, mask=mask, last_rows=rows)[-rows:]
             if self.curve:
                 self.tree_seconds += interpolate(self.curve, rows)
-            q = distributions(self.state, logits, [path] * rows)
+            q = RowDistributions(self.state, logits, [path] * rows)
             if sampled:
                 kept, nxt = tree.walk(lambda node, q=q: sample(q[node], self.state.rng))
             else:
