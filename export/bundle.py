@@ -126,16 +126,11 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
 def _smoothed_weights(loaded: LoadedModel, rope, options: ExportOptions) -> dict[str, np.ndarray]:
     """W8A8 rounds each activation row with one scale: first move outlier channels into the weights
     (quant/smooth.py), calibrated on distillation prompts (none of the benchmarks' or parity's prompts)."""
+    from edgespec.export.derive import calibration_tokens
     from edgespec.export.distill_prompts import CODE_TASKS, PROSE_TASKS
     from edgespec.quant.smooth import activation_maxima, smooth_weights
 
-    tok = loaded.tokenizer
-    texts = CODE_TASKS[:4] + PROSE_TASKS[:4]
-    if tok.chat_template:
-        token_lists = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)) for t in texts]
-    else:
-        token_lists = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    token_lists = calibration_tokens(loaded.tokenizer, CODE_TASKS[:4] + PROSE_TASKS[:4])
     fp32 = build_decoder(loaded.spec, loaded.weights, rope, options.max_context)
     return smooth_weights(loaded.weights, loaded.spec, activation_maxima(fp32, token_lists))
 

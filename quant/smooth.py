@@ -25,7 +25,8 @@ ALPHA = 0.5
 
 def activation_maxima(model: onnx.ModelProto, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
     """Linear node name -> per-input-channel max |x| over `token_lists`, each run as one causal pass from position 0."""
-    linears = {n.name: n.input[0] for n in model.graph.node if n.name in set(quantized_linear_names(model))}
+    names = set(quantized_linear_names(model))
+    linears = {n.name: n.input[0] for n in model.graph.node if n.name in names}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for tensor in sorted(set(linears.values())):

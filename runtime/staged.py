@@ -202,8 +202,7 @@ class StagedDrafter:
             lagging: list[int] = []
             if first:
                 first = False
-                if self.curve:
-                    self.catch_up_seconds += self.catch_up_price(rows)
+                self.catch_up_seconds += self.catch_up_price(rows)
                 along = self.lag_split(rows)[1]
                 catch_up(draft, tokens, keep_last=1 + along)
                 lagging = tokens[draft.length:len(tokens) - 1]
