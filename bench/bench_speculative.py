@@ -22,7 +22,8 @@ MODES = ("ar", "spec", "staged", "ngram")
 
 def run(engines: dict[str, Engine], prompts: list[str], temperature: float, max_new_tokens: int) -> dict:
     """Per (bundle, mode) totals; every prompt runs every bundle's modes in turn, so noise hits them alike."""
-    totals = {(b, m): {"tokens": 0, "seconds": 0.0, "hist": {}, "mismatch": 0, "passes": 0}
+    totals = {(b, m): {"tokens": 0, "seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0, "ttft": 0.0,
+                       "hist": {}, "mismatch": 0, "passes": 0}
               for b in engines for m in MODES}
     for i, prompt in enumerate(prompts):
         for bundle, engine in engines.items():
@@ -33,6 +34,9 @@ def run(engines: dict[str, Engine], prompts: list[str], temperature: float, max_
                 acc = totals[(bundle, mode)]
                 acc["tokens"] += len(r.token_ids)
                 acc["seconds"] += r.stats["seconds"]
+                acc["ttft"] += r.stats["time_to_first_token"]
+                acc["decode_tokens"] += len(r.token_ids) - r.stats["first_chunk_tokens"]
+                acc["decode_seconds"] += r.stats["seconds"] - r.stats["time_to_first_token"]
                 acc["passes"] += r.stats["target_passes"]
                 if mode == "ar":
                     ar_ids = r.token_ids
@@ -65,25 +69,31 @@ def main() -> None:
             first_ar = res[(first, "ar")]["tokens"] / res[(first, "ar")]["seconds"]
             for quant in args.quants:
                 base = res[(quant, "ar")]["tokens"] / res[(quant, "ar")]["seconds"]
+                base_decode = res[(quant, "ar")]["decode_tokens"] / res[(quant, "ar")]["decode_seconds"]
                 row = {"bundle": quant, "set": set_name, "temperature": temperature}
                 for mode in MODES:
                     acc = res[(quant, mode)]
                     tps = acc["tokens"] / acc["seconds"]
                     row[mode] = {"tok_s": round(tps, 1), "ratio": round(tps / base, 2),
                                  "ratio_to_first_ar": round(tps / first_ar, 2),
+                                 "decode_ratio": round(acc["decode_tokens"] / acc["decode_seconds"] / base_decode, 2),
+                                 "ttft_ms": round(1000 * acc["ttft"] / len(prompts)),
                                  "tokens_per_target_pass": round(acc["tokens"] / max(acc["passes"], 1), 2),
                                  "greedy_mismatches": acc["mismatch"]}
                     hists[(quant, set_name, temperature, mode)] = acc["hist"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     table = ["| bundle | prompts | T | ar tok/s | spec × | staged × | ngram × "
-             f"| best mode × {first} ar | tokens/target pass (spec / staged / ngram) | greedy mismatches vs ar |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| best mode × {first} ar | tokens/target pass (spec / staged / ngram) | decode-only × (spec / staged / "
+             "ngram) | time to first token ms (ar / spec / staged / ngram) | greedy mismatches vs ar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['bundle']} | {r['set']} | {r['temperature']} | {r['ar']['tok_s']} | {r['spec']['ratio']} | "
                      f"{r['staged']['ratio']} | {r['ngram']['ratio']} | {_best(r)} | "
                      f"{r['spec']['tokens_per_target_pass']} / "
                      f"{r['staged']['tokens_per_target_pass']} / {r['ngram']['tokens_per_target_pass']} | "
+                     f"{' / '.join(str(r[m]['decode_ratio']) for m in MODES[1:])} | "
+                     f"{' / '.join(str(r[m]['ttft_ms']) for m in MODES)} | "
                      f"{sum(r[m]['greedy_mismatches'] for m in MODES)} |")
     print("\n".join(table))
     if args.write_docs:
@@ -97,7 +107,10 @@ def main() -> None:
             f"Default pair: SmolLM2-135M-Instruct target, draft = {args.draft_layers} of its layers (the first "
             f"{args.draft_layers - 1} and the last when distilled), {_distilled(args.distill_minutes)}, trigram table "
             "from 4000 generated tokens. Ratios are tokens/s relative to the same bundle's `ar`, measured in the "
-            "same run: each prompt runs every bundle's modes in turn; 'best mode' is the bundle's fastest mode "
+            "same run, end to end (prompt prefill included); 'decode-only' counts the tokens after the first step's "
+            "and the time after it, like `ar`'s decode tok/s in section 'ar' (a draft's catch-up on the prompt "
+            "falls in whichever step the mode does it); each prompt runs every bundle's modes in turn; "
+            "'best mode' is the bundle's fastest mode "
             f"relative to the `{first}` bundle's `ar` (absolute speed across bundles); chat template; "
             f"{args.max_new_tokens} new tokens.",
             "",

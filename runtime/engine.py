@@ -269,6 +269,7 @@ class ChatSession:
         draft_before = engine.draft.stats.passes if engine.draft is not None else 0
         t_start = time.perf_counter()
         t_first = None
+        first_tokens = None  # tokens the first chunk committed: a speculative mode's first step may commit several
         gen = MODES[mode](state)
         try:
             while finish == "length" and len(new_ids) < max_new_tokens:
@@ -297,6 +298,8 @@ class ChatSession:
                             break
                     if len(new_ids) >= max_new_tokens:
                         break
+                if first_tokens is None:
+                    first_tokens = len(new_ids)
                 if message:
                     break
                 if on_text is not None:
@@ -323,9 +326,11 @@ class ChatSession:
         stats.update({
             "mode": mode, "prompt_tokens": len(tokens), "reused_tokens": reused, "prefill_tokens": state.prefilled,
             "new_tokens": n, "seconds": elapsed,
-            "time_to_first_token": (t_first - t_start) if t_first else None,
+            "time_to_first_token": (t_first - t_start) if t_first else None, "first_chunk_tokens": first_tokens,
             "tokens_per_second": n / elapsed if elapsed > 0 else 0.0,
-            "decode_tokens_per_second": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
+            "decode_tokens_per_second": ((n - first_tokens) / decode_time
+                                         if first_tokens is not None and n > first_tokens and decode_time > 0
+                                         else None),
             "target_passes": engine.target.stats.passes - target_before,
             "draft_passes": (engine.draft.stats.passes - draft_before) if engine.draft is not None else 0,
             "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),

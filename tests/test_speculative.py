@@ -61,6 +61,11 @@ def test_ngram_mode_speeds_up_repetition(pair):
     assert r.token_ids == ar.token_ids
     if ar.text.startswith("efgh"):
         assert r.stats["speculative"]["tokens_per_target_pass"] > 1.5
+    # decode tok/s counts the tokens after the first step's, which may be several here
+    first = r.stats["first_chunk_tokens"]
+    assert ar.stats["first_chunk_tokens"] == 1 and 1 <= first <= len(r.token_ids)
+    decode_seconds = r.stats["seconds"] - r.stats["time_to_first_token"]
+    assert r.stats["decode_tokens_per_second"] == pytest.approx((len(r.token_ids) - first) / decode_seconds)
     sized = pair.generate(prompt, max_new_tokens=40, mode="ngram")  # proposals cut by per-source acceptance
     assert sized.token_ids == ar.token_ids
     sources = sized.stats["speculative"]["ngram_sources"]
