@@ -75,6 +75,24 @@ def test_ngram_mode_speeds_up_repetition(pair):
     assert spec["accepted"] <= sum(s["tried"] for s in sources.values()) <= spec["drafted"]
 
 
+def test_decode_speed_counts_the_tokens_after_a_multi_token_first_step(pair, monkeypatch):
+    """A mode whose steps commit three tokens: decode tok/s leaves out all three of the first step's."""
+    from edgespec.runtime import engine as engine_module
+    from edgespec.runtime.decoding import decode_ar
+
+    def three_at_a_time(state):
+        ar = decode_ar(state)
+        while True:
+            yield next(ar) + next(ar) + next(ar)
+
+    monkeypatch.setitem(engine_module.MODES, "three", three_at_a_time)
+    r = pair.generate("def f(x):", max_new_tokens=12, mode="three")
+    assert r.token_ids == pair.generate("def f(x):", max_new_tokens=12).token_ids
+    assert r.stats["first_chunk_tokens"] == 3
+    decode_seconds = r.stats["seconds"] - r.stats["time_to_first_token"]
+    assert r.stats["decode_tokens_per_second"] == pytest.approx((len(r.token_ids) - 3) / decode_seconds)
+
+
 @pytest.mark.parametrize("mode, options", [("spec", {}), ("spec", {"k": 0}), ("spec", {"k": 3}), ("staged", {}),
                                            ("staged", {"depth": 0}), ("ngram", {}), ("ngram", {"k": 0}),
                                            ("ead-spec", {"tau": 0.0})])
