@@ -137,7 +137,7 @@ def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distil
     from edgespec.runtime.model import UNLISTED
 
     bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
-                           derive_layers=1, distill=_config(distill_cache, head_tokens=64),
+                           derive_layers=2, distill=_config(distill_cache, head_tokens=64),
                            options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
     engine = Engine.load(bundle)
     derived = engine.manifest.raw["models"]["draft"]["extra"]["derived"]
@@ -145,7 +145,9 @@ def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distil
     assert derived["distillation"]["cache"] == "written" and derived["distillation"]["train_steps"] > 0
     assert list(distill_cache.glob(f"{derived['distillation']['corpus_key']}.corpus.npz"))
     assert len(list(distill_cache.glob("*.corpus.npz"))) == 1
-    # measured with the 64-token head it runs with
+    # measured with the 64-token head it runs with. Two layers, not one: a one-layer cut of this random 3-layer
+    # model stays near chance whatever the head (held-out 5.2 % -> 6.3 % with it, 7.3 % without; 2 layers:
+    # 12.5 % -> 27.1 %, transformers 5.24 / torch 2.13), so it could not show that training through the head works
     assert derived["agreement_after_distillation"] >= derived["agreement_before_distillation"] + 0.05, derived
     head = engine.draft.head_ids
     assert head is not None and len(head) == 64
