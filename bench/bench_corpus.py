@@ -1,9 +1,10 @@
 """Distillation corpus generation: `CorpusGenerator` next to the path it replaced, side by side in one run.
 
-Both generate the same sampled batch (distillation prompts, chat template, same seed) in alternating rounds:
-the old path is `generate(output_logits=True)` on the fp32 target under bf16 autocast with the top-k taken
-afterwards; the new one is export/distill.py's CorpusGenerator. Reported: answer tokens/s of each, their
-ratio, and how often each one's top-1 label equals fp32 teacher forcing of the target over its own text. Usage:
+All generate the same sampled batch (distillation prompts, chat template, same seed) in alternating rounds:
+the oldest path is `generate(output_logits=True)` on the fp32 target under bf16 autocast with the top-k taken
+afterwards; then export/distill.py's CorpusGenerator with transformers' SDPA attention, and as it is now (its
+own grouped-query attention). Reported: answer tokens/s of each, the ratios of the current one to the others,
+and how often each one's top-1 label equals fp32 teacher forcing of the target over its own text. Usage:
 
     python bench/bench_corpus.py --batch 32 --new-tokens 64 --rounds 2 --write-docs
 """
@@ -63,12 +64,15 @@ def main() -> None:
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, x in enumerate(prompts):
         ids[row, width - len(x):], mask[row, width - len(x):] = torch.tensor(x), 1
-    fast = CorpusGenerator(model, 32)
+    sdpa, fast = CorpusGenerator(model, 32, attention="sdpa"), CorpusGenerator(model, 32)
     sampling = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_new_tokens": args.new_tokens}
-    systems = {"autocast + output_logits (before)":
+    systems = {"autocast + output_logits (before 2026-11-30)":
                lambda: autocast_generate(model, ids, mask, args.new_tokens, pad, 32),
-               "CorpusGenerator (now)": lambda: _text_and_top_ids(fast.generate(ids, mask, args.new_tokens, pad,
-                                                                                 sampling))}
+               "CorpusGenerator, SDPA attention (before 2026-12-02)":
+               lambda: _text_and_top_ids(sdpa.generate(ids, mask, args.new_tokens, pad, sampling)),
+               "CorpusGenerator, gqa_attention (now)": lambda: _text_and_top_ids(fast.generate(ids, mask,
+                                                                                                args.new_tokens, pad,
+                                                                                                sampling))}
     speed: dict[str, list[float]] = {name: [] for name in systems}
     agree: dict[str, float] = {}
     for r in range(args.rounds):
@@ -80,8 +84,9 @@ def main() -> None:
             agree.setdefault(name, label_agreement(model, prompts, width, sequences, top_ids))
             print(f"round {r} {name}: {speed[name][-1]:.0f} tok/s, labels = fp32 at {agree[name]:.1%}", flush=True)
     names = list(systems)
-    ratio = statistics.median(speed[names[1]]) / statistics.median(speed[names[0]])
-    print(f"ratio {ratio:.2f}")
+    now = statistics.median(speed[names[-1]])
+    ratios = {n: now / statistics.median(speed[n]) for n in names[:-1]}
+    print("ratios", ratios)
     if args.write_docs:
         lines = ["## Distillation corpus generation", "",
                  f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_corpus.py "
@@ -92,7 +97,7 @@ def main() -> None:
                  "target over each path's own text.", "",
                  "| path | answer tokens/s (median) | top-1 label = fp32 target |", "|---|---|---|"]
         lines += [f"| {n} | {statistics.median(speed[n]):.0f} | {agree[n]:.1%} |" for n in names]
-        lines += ["", f"CorpusGenerator / before: **{ratio:.2f}×**."]
+        lines += ["", "Now / " + ", now / ".join(f"{n}: **{r:.2f}×**" for n, r in ratios.items()) + "."]
         write_section("corpus", "\n".join(lines))
 
 

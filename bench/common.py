@@ -86,7 +86,7 @@ def parse_with_common(ap) -> tuple[object, Path]:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--work-dir", default="bench/.work")
     ap.add_argument("--draft-layers", type=int, default=6)
-    ap.add_argument("--distill-minutes", type=float, default=12.0,
+    ap.add_argument("--distill-minutes", type=float, default=15.0,
                     help="distillation budget of the derived draft (cached across bundles and runs; 0: none)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
