@@ -211,14 +211,14 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
     return corpus
 
 
-def gqa_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **_kwargs):
+def gqa_attention(module, query, key, value, attention_mask, scaling: float, **_kwargs):
     """Attention of one decode step as two batched matmuls over the key/value heads, without repeating them.
 
     Written by hand because neither of transformers' CPU paths fits a 1-row query: SDPA's flash kernel took
     10 ms per layer at batch 90 (36 % of a step, torch.profiler) and eager attention copies every K/V row
     three times for grouped-query heads. Query heads h·g … h·g+g−1 share key/value head h, so they are
     stacked as g·q rows against that head's keys. Registered with transformers' AttentionInterface,
-    with its eager (additive) mask.
+    with its eager (additive) mask; inference only (no dropout).
     """
     import torch
 

@@ -85,6 +85,28 @@ def test_corpus_labels_are_the_targets_own_distributions(tiny_target):
     assert (top_logp - ref.gather(-1, top_ids)).abs().mean().item() < 0.15
 
 
+def test_gqa_attention_equals_transformers_eager_attention():
+    """The corpus generator's attention must compute what transformers' eager path does, padding mask included,
+    for one decode row and for a prefill chunk (query heads grouped 3 per key/value head, as in SmolLM2)."""
+    import torch
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from edgespec.export.distill import gqa_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 3, False
+    for rows in (1, 5):
+        query, key, value = torch.randn(2, 9, rows, 16), torch.randn(2, 3, 12, 16), torch.randn(2, 3, 12, 16)
+        mask = torch.zeros(2, 1, rows, 12)
+        mask[0, :, :, :4] = torch.finfo(torch.float32).min  # row 0 is left-padded by 4 tokens
+        mask[:, :, :, 12 - rows:] += torch.triu(torch.full((rows, rows), torch.finfo(torch.float32).min), 1)
+        ours, _ = gqa_attention(module, query, key, value, mask, scaling=0.25)
+        ref, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.25)
+        assert ours.shape == ref.shape == (2, rows, 9, 16)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 DISTILL_SCRIPT = """
 import sys
 from pathlib import Path
