@@ -92,9 +92,9 @@ def main() -> None:
                  f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_corpus.py "
                  f"--batch {args.batch} "
                  f"--new-tokens {args.new_tokens} --rounds {args.rounds} --write-docs`. One batch of {len(prompts)} "
-                 f"distillation prompts (chat template), {args.new_tokens} sampled tokens each (T = 0.8), the two "
-                 "paths alternating per round in one process; labels compared with fp32 teacher forcing of the "
-                 "target over each path's own text.", "",
+                 f"distillation prompts (chat template), {args.new_tokens} sampled tokens each (T = 0.8), the "
+                 f"{len(systems)} paths alternating per round in one process; labels compared with fp32 teacher "
+                 "forcing of the target over each path's own text.", "",
                  "| path | answer tokens/s (median) | top-1 label = fp32 target |", "|---|---|---|"]
         lines += [f"| {n} | {statistics.median(speed[n]):.0f} | {agree[n]:.1%} |" for n in names]
         lines += ["", "Now / " + ", now / ".join(f"{n}: **{r:.2f}×**" for n, r in ratios.items()) + "."]

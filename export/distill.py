@@ -212,13 +212,14 @@ def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, dea
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling: float, **_kwargs):
-    """Attention of one decode step as two batched matmuls over the key/value heads, without repeating them.
+    """Attention as two batched matmuls over the key/value heads, without repeating them (decode steps and the
+    prompt pass alike).
 
-    Written by hand because neither of transformers' CPU paths fits a 1-row query: SDPA's flash kernel took
-    10 ms per layer at batch 90 (36 % of a step, torch.profiler) and eager attention copies every K/V row
-    three times for grouped-query heads. Query heads h·g … h·g+g−1 share key/value head h, so they are
-    stacked as g·q rows against that head's keys. Registered with transformers' AttentionInterface,
-    with its eager (additive) mask; inference only (no dropout).
+    Written by hand because neither of transformers' CPU paths fits the 1-row queries of decode steps:
+    SDPA's flash kernel took 10 ms per layer at batch 90 (36 % of a step, torch.profiler) and eager
+    attention copies every K/V row three times for grouped-query heads. Query heads h·g … h·g+g−1 share
+    key/value head h, so they are stacked as g·q rows against that head's keys. Registered with
+    transformers' AttentionInterface, with its eager (additive) mask; inference only (no dropout).
     """
     import torch
 
@@ -251,9 +252,9 @@ class CorpusGenerator:
     positions against autocast's 98.4 % (768 sampled positions), because the head, where bf16 rounding
     moves the argmax most, stays fp32.
     The top-k is taken inside a forward hook on the head, so full logits are never kept.
-    `gqa_attention` instead of SDPA: 1.09x the answer tokens per second at batch 45 × 64 tokens
-    (docs/benchmarks.md, "Distillation corpus generation"), more on longer answers, where SDPA's one-row cost
-    grows; `attention="sdpa"` is the previous generator, kept for that comparison.
+    `gqa_attention` instead of SDPA: 1.09x the answer tokens per second at batch 45 × 64 tokens, 1.17x in a
+    one-off at batch 90 × 128 tokens (docs/benchmarks.md, "Distillation corpus generation");
+    `attention="sdpa"` is the previous generator, kept for that comparison.
     """
 
     def __init__(self, target_model, top_k: int, attention: str = GQA_ATTENTION):
