@@ -49,10 +49,16 @@ def is_current(bundle: Path) -> bool:
 
     if not (bundle / "manifest.json").is_file():
         return False
-    if json.loads((bundle / "manifest.json").read_text()).get("graph_format") == GRAPH_FORMAT:
-        return True
-    print(f"{bundle} was exported by older graph code: exporting it again", flush=True)
-    return False
+    from edgespec.export.ngram_table import TABLE_VERSION
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest.get("graph_format") != GRAPH_FORMAT:
+        print(f"{bundle} was exported by older graph code: exporting it again", flush=True)
+        return False
+    if "ngram" in manifest and manifest["ngram"].get("version", 1) != TABLE_VERSION:
+        print(f"{bundle} has an older n-gram table: exporting it again", flush=True)
+        return False
+    return True
 
 
 def ensure_bundle(work: Path, quant: str, loaded_cache: dict, **kwargs) -> Path:

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from edgespec.export.bundle import (
@@ -85,7 +86,8 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         if ngram_tokens > 0:
             from edgespec.export.ngram_table import build_ngram_table
 
-            manifest["ngram"] = build_ngram_table(tmp, ngram_tokens, log=options.log)
+            corpus = _distillation_text(derived_info, distill, options.log)
+            manifest["ngram"] = build_ngram_table(tmp, ngram_tokens, log=options.log, corpus=corpus)
             finalize(tmp, manifest)
         publish(tmp, out)
     except BaseException:
@@ -93,6 +95,25 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         raise
     options.log(f"bundle written to {out} in {time.perf_counter() - t0:.0f}s")
     return out
+
+
+def _distillation_text(derived_info: dict | None, distill: DistillConfig | None, log) -> list[list[int]]:
+    """The target-written sequences of the draft's distillation corpus, for the n-gram table (none without one)."""
+    key = ((derived_info or {}).get("distillation") or {}).get("corpus_key")
+    if key is None or distill is None:
+        return []
+    from edgespec.export.distill import Corpus, corpus_file
+
+    path = corpus_file(distill, key)
+    if not path.is_file():  # a cached draft whose corpus was deleted: the table is built from new text only
+        log(f"n-gram table: the distillation corpus {path} is gone; building from generated text only")
+        return []
+    try:
+        corpus = Corpus.load(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        log(f"n-gram table: the distillation corpus {path} is unreadable ({exc}); building from generated text only")
+        return []
+    return [corpus.sequence(i).tolist() for i in range(len(corpus.offsets) - 1)]
 
 
 def _check_draft(root: Path, loaded: dict, derived_info: dict | None, options: ExportOptions) -> dict:

@@ -89,6 +89,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "drafts"
 
 
+def corpus_file(config: DistillConfig, corpus_key: str) -> Path:
+    """Where the corpus of `corpus_key` lives (the n-gram table of the bundle reuses its text)."""
+    return (config.cache_dir or default_cache_dir()) / f"{corpus_key}.corpus.npz"
+
+
 def weights_digest(target_model) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(target_model.state_dict().items()):
@@ -526,7 +531,7 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
     torch.manual_seed(config.seed)
     budget = config.minutes * 60.0
     t_start = time.perf_counter()
-    corpus_path = cache / f"{corpus_key}.corpus.npz"
+    corpus_path = corpus_file(config, corpus_key)
     prior = Corpus.load(corpus_path).seconds if corpus_path.is_file() else 0.0
     corpus = build_corpus(target_model, tokenizer, config, corpus_path,
                           t_start + max(0.0, budget * config.corpus_share - prior), log)

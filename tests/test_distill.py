@@ -155,14 +155,23 @@ def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distil
 
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle
+    from edgespec.export.distill import Corpus, corpus_file
     from edgespec.runtime.engine import Engine
     from edgespec.runtime.model import UNLISTED
 
     bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
-                           derive_layers=2, distill=_config(distill_cache, head_tokens=64),
+                           derive_layers=2, distill=_config(distill_cache, head_tokens=64), ngram_tokens=40,
                            options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
     engine = Engine.load(bundle)
     derived = engine.manifest.raw["models"]["draft"]["extra"]["derived"]
+    # the n-gram table also counts the distillation corpus: every trigram context of the target's text is in it
+    corpus = Corpus.load(corpus_file(_config(distill_cache), derived["distillation"]["corpus_key"]))
+    sequences = [corpus.sequence(i).tolist() for i in range(len(corpus.offsets) - 1)]
+    table_info = engine.manifest.raw["ngram"]
+    assert table_info["corpus_tokens"] == sum(map(len, sequences)) > 1000 and table_info["tokens"] >= 40
+    vocab = engine.target.vocab_size
+    contexts = {s[i - 2] * vocab + s[i - 1] for s in sequences for i in range(2, len(s))}
+    assert contexts <= set(engine.ngram_model.tri_keys.tolist())
     # a new training setting trains again but reuses the corpus that the first test generated
     assert derived["distillation"]["cache"] == "written" and derived["distillation"]["train_steps"] > 0
     assert list(distill_cache.glob(f"{derived['distillation']['corpus_key']}.corpus.npz"))
