@@ -6,8 +6,8 @@ drafts straight for the target), at temperature 1.2 from varied seed prompts, un
 budget is spent. A bundle whose draft was distilled also counts the distillation corpus: text the
 target already wrote for its prompts (~140k tokens for the default model, against the 4000 that the
 default budget generates here), so the table costs no more generation. Measured side by side on the
-w8a8 default pair (docs/speculative.md, "The trigram table counts the distillation corpus"), that raised `ngram`'s tokens per
-target pass from 2.26 to 2.70 on HumanEval and from 1.27 to 1.42 on prose.
+w8a8 default pair (docs/speculative.md, "The trigram table counts the distillation corpus"), that
+raised `ngram`'s tokens per target pass from 2.26 to 2.70 on HumanEval and from 1.27 to 1.42 on prose.
 """
 
 from __future__ import annotations
