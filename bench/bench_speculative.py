@@ -106,10 +106,11 @@ def main() -> None:
             " --write-docs`.",
             f"Default pair: SmolLM2-135M-Instruct target, draft = {args.draft_layers} of its layers (the first "
             f"{args.draft_layers - 1} and the last when distilled), {_distilled(args.distill_minutes)}, trigram table "
-            "from 4000 generated tokens. Ratios are tokens/s relative to the same bundle's `ar`, measured in the "
-            "same run, end to end (prompt prefill included); 'decode-only' counts the tokens after the first step's "
-            "and the time after it, like `ar`'s decode tok/s in section 'ar' (a draft's catch-up on the prompt "
-            "falls in whichever step the mode does it); each prompt runs every bundle's modes in turn; "
+            f"from {_table_text(engines[first])}. Ratios are tokens/s relative to the same bundle's `ar`, "
+            "measured in the same run, end to end (prompt prefill included); 'decode-only' counts the tokens "
+            "after the first step's and the time after it, like `ar`'s decode tok/s in section 'ar' (a draft's "
+            "catch-up on the prompt falls in whichever step the mode does it); each prompt runs every bundle's "
+            "modes in turn; "
             "'best mode' is the bundle's fastest mode "
             f"relative to the `{first}` bundle's `ar` (absolute speed across bundles); chat template; "
             f"{args.max_new_tokens} new tokens.",
@@ -131,6 +132,13 @@ def _distilled(minutes: float) -> str:
         return "not distilled"
     return (f"distilled for {minutes:g} minutes with an 8192-token head (its measured agreement and cost: section "
             "'draft' and docs/drafts.md)")
+
+
+def _table_text(engine) -> str:
+    table = engine.manifest.raw.get("ngram", {})
+    corpus = table.get("corpus_tokens", 0)
+    generated = f"{table.get('tokens', 0)} generated tokens"
+    return generated + (f" and {corpus} distillation corpus tokens" if corpus else "")
 
 
 def plot_histograms(hists: dict, out: Path) -> None:
