@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgespec.runtime.ngram import ContextLookup, NgramDrafter, NgramModel
+from edgespec.runtime.ngram import ContextLookup, NgramDrafter, NgramModel, table_source
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.tree import DraftTree
 
@@ -67,7 +67,9 @@ def test_lookup_and_drafter_say_where_each_token_came_from():
     assert ContextLookup([1, 2, 3]).match(max_tokens=2) == ([], 0)
     model = NgramModel.build([[8, 7, 4, 4, 4, 4]], vocab_size=12)
     out, sources = NgramDrafter(ContextLookup([7, 8, 7]), model).propose_sourced([], 4)
-    assert out == [8, 7, 4, 4] and sources == ["ctx1", "ctx1", "table", "table"]  # the copy runs out, the table goes on
+    # the copy runs out, the table goes on; its guesses are named by the band of their table probability (0.81, 0.94)
+    assert out == [8, 7, 4, 4] and sources == ["ctx1", "ctx1", "table-hi", "table-hi"]
+    assert [table_source(p) for p in (0.2, 0.49, 0.5, 0.9)] == ["table", "table", "table-hi", "table-hi"]
 
 
 def test_sizing_sends_strong_copies_long_and_weak_guesses_not_at_all():
@@ -77,8 +79,14 @@ def test_sizing_sends_strong_copies_long_and_weak_guesses_not_at_all():
     sizing = SourceAcceptance()
     k, value = sizing.best_length(["ctx4"] * 8, cost)
     assert k >= 4 and value > 1.5
-    assert sizing.best_length(["table"] * 4, cost) == (0, 1.0)
+    def steep(rows):  # our int4 target: a 2-row pass costs ~1.28x a 1-row pass
+        return 1.0 + 0.28 * (rows - 1)
+
+    assert sizing.best_length(["table"] * 4, steep) == (0, 1.0)
     assert sizing.best_length(["ctx4", "ctx4", "table", "table"], cost)[0] == 2
+    for _ in range(10):  # guesses the target keeps rejecting stop being sent where rows are cheap too
+        sizing.record(["table"], accepted=0)
+    assert sizing.best_length(["table"] * 4, cost) == (0, 1.0)
     weak_start = sizing.best_length(["ctx1"] * 4, cost)[0]
     for _ in range(20):  # a source that keeps being accepted earns longer proposals
         sizing.record(["ctx1"] * 4, accepted=4)
