@@ -245,3 +245,30 @@ def test_training_batches_cover_each_sequence_once_per_epoch_with_little_padding
     assert np.array_equal(batch_rows(corpus, 8, 17, 3), epoch[17])  # a resumed run draws the same batches
     uniform = [rng.choice(len(lengths), 8, replace=False) for _ in range(per_epoch)]
     assert padding(epoch) < 0.15 and padding(uniform) > 0.3, (padding(epoch), padding(uniform))
+
+
+def test_ngram_text_falls_back_to_generated_text_when_the_cached_corpus_is_gone_or_corrupt(tmp_path):
+    """A cached draft outlives its corpus if a user prunes the cache: the export goes on, says so, and builds the
+    table from generated text alone instead of failing or reading half a file."""
+    import numpy as np
+
+    from edgespec.export.cli import _distillation_text
+    from edgespec.export.distill import Corpus, DistillConfig, corpus_file
+
+    config = DistillConfig(cache_dir=tmp_path)
+    info = {"distillation": {"corpus_key": "k"}}
+    corpus = Corpus.empty(2)
+    corpus.extend([np.array([5, 6, 7, 8]), np.array([9, 10, 11])], [1, 2],
+                  [np.zeros((3, 2), np.int32), np.zeros((1, 2), np.int32)],
+                  [np.zeros((3, 2), np.float16), np.zeros((1, 2), np.float16)])
+    corpus.save(corpus_file(config, "k"))
+    logged: list[str] = []
+    assert _distillation_text(info, config, logged.append) == [[5, 6, 7, 8], [9, 10, 11]] and not logged
+    path = corpus_file(config, "k")
+    path.write_bytes(path.read_bytes()[:100])  # truncated mid-write by something else than edge-export
+    assert _distillation_text(info, config, logged.append) == []
+    assert len(logged) == 1 and "unreadable" in logged[0] and str(path) in logged[0]
+    path.unlink()
+    assert _distillation_text(info, config, logged.append) == []
+    assert len(logged) == 2 and "is gone" in logged[1]
+    assert _distillation_text(None, config, logged.append) == [] and len(logged) == 2  # no distilled draft: no text
