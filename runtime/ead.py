@@ -9,6 +9,13 @@ buffer; a model that becomes active first catches up on the tokens it has not se
 chunked pass. Entropy is in bits, of the active model's distribution before temperature;
 its rolling mean over `window` tokens is compared with τ, and after a switch the new model
 keeps control for at least `min_span` tokens.
+
+The token at a switch is written by the large model either way: switching up, the large model
+catches up and writes it (the small one was unsure of it); switching down, the large model's
+distribution for it is already computed, so the small model takes over from the next token.
+Handing that token to the small model instead cost a pass and quality for nothing: with window 1
+the small model wrote tokens the large one had been sure of, at its own entropy of 1–5 bits, and
+the large model's NLL of the text rose to 3.5–4.4x its own (docs/benchmarks.md, section ead).
 """
 
 from __future__ import annotations
@@ -68,9 +75,12 @@ class EadController:
         self.switches.append({"position": position, "to": target, "mean_entropy": round(mean, 4)})
         return True
 
-    def produced(self, n: int) -> None:
-        self.counts[self.active] += n
-        self.since_switch += n
+    def produced(self, n: int, by: str | None = None) -> None:
+        """`n` tokens written by `by` (the active model when not given); the active one's span grows."""
+        by = by or self.active
+        self.counts[by] += n
+        if by == self.active:
+            self.since_switch += n
         self.publish()
 
     def publish(self) -> None:
@@ -134,12 +144,14 @@ def decode_ead(state: DecodeState) -> Iterator[list[int]]:
     runners = {"small": state.draft, "large": state.target}
     while True:
         tokens = state.tokens
-        logits = _catch_up_counted(ctl, state, runners[ctl.active], tokens)
+        writer = ctl.active
+        logits = _catch_up_counted(ctl, state, runners[writer], tokens)
         ctl.observe(entropy_bits(logits))
-        if ctl.decide(len(tokens)):
-            logits = _catch_up_counted(ctl, state, runners[ctl.active], tokens)
+        if ctl.decide(len(tokens)) and ctl.active == "large":
+            writer = "large"
+            logits = _catch_up_counted(ctl, state, runners[writer], tokens)
         token = state.next_token(logits)
-        ctl.produced(1)
+        ctl.produced(1, writer)
         yield [token]
 
 
