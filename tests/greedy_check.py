@@ -9,8 +9,13 @@ TIE = 1e-3
 
 def torch_greedy(loaded, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
     """Greedy tokens from the torch model (stopping at EOS like the runtime) and the logits of every step."""
+    import inspect
+
     import torch
 
+    # transformers 5.25 renamed the cache argument and output from `past_key_values` to `cache` and will drop the old
+    # name; the extra allows releases on both sides of the rename.
+    cache_name = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
     eos = set(loaded.spec.eos_token_ids)
     ids = list(prompt_ids)
     out, logits_seen = [], []
@@ -18,8 +23,8 @@ def torch_greedy(loaded, prompt_ids: list[int], max_new_tokens: int) -> tuple[li
         past = None
         step = torch.tensor([ids])
         for _ in range(max_new_tokens):
-            res = loaded.model(step, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = loaded.model(step, use_cache=True, **{cache_name: past})
+            past = getattr(res, cache_name)
             logits = res.logits[0, -1].float().numpy()
             logits_seen.append(logits)
             tok = int(logits.argmax())
