@@ -81,6 +81,7 @@ def main() -> None:
                                  "tokens_per_target_pass": round(acc["tokens"] / max(acc["passes"], 1), 2),
                                  "greedy_mismatches": acc["mismatch"]}
                     hists[(quant, set_name, temperature, mode)] = acc["hist"]
+                    row[mode]["accepted_histogram"] = dict(sorted(acc["hist"].items()))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     table = ["| bundle | prompts | T | ar tok/s | spec × | staged × | ngram × "
@@ -142,6 +143,8 @@ def _table_text(engine) -> str:
 
 
 def plot_histograms(hists: dict, out: Path) -> None:
+    """One panel per prompt set and mode; colour names the bundle and the line style the temperature, so that
+    sixteen curves stay tellable apart (matplotlib's ten-colour cycle repeats otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,17 +153,23 @@ def plot_histograms(hists: dict, out: Path) -> None:
     keys = [k for k in hists if k[3] != "ar" and hists[k]]
     if not keys:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-    for ax, mode in zip(axes, ("spec", "staged", "ngram"), strict=True):
-        for k in [k for k in keys if k[3] == mode]:
-            h = hists[k]
-            total = sum(h.values())
-            xs = sorted(h)
-            ax.plot(xs, [h[x] / total for x in xs], marker="o", label=f"{k[0]} {k[1]} T={k[2]}")
-        ax.set_title(mode)
-        ax.set_xlabel("tokens committed per target pass")
-        ax.legend(fontsize=6)
-    axes[0].set_ylabel("share of target passes")
+    sets = sorted({k[1] for k in keys})
+    bundles = list(dict.fromkeys(k[0] for k in keys))
+    colours = dict(zip(bundles, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    styles = {0.0: "-", 0.8: "--"}
+    fig, axes = plt.subplots(len(sets), 3, figsize=(12, 3.2 * len(sets)), sharey=True, squeeze=False)
+    for row, set_name in zip(axes, sets, strict=True):
+        for ax, mode in zip(row, ("spec", "staged", "ngram"), strict=True):
+            for k in [k for k in keys if k[1] == set_name and k[3] == mode]:
+                h = hists[k]
+                total = sum(h.values())
+                xs = sorted(h)
+                ax.plot(xs, [h[x] / total for x in xs], marker="o", markersize=3, color=colours[k[0]],
+                        linestyle=styles.get(k[2], ":"), label=f"{k[0]} T={k[2]}")
+            ax.set_title(f"{mode}, {set_name}")
+            ax.set_xlabel("tokens committed per target pass")
+            ax.legend(fontsize=6)
+        row[0].set_ylabel("share of target passes")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
