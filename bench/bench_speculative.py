@@ -149,6 +149,7 @@ def plot_histograms(hists: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in hists if k[3] != "ar" and hists[k]]
     if not keys:
@@ -168,6 +169,7 @@ def plot_histograms(hists: dict, out: Path) -> None:
                         linestyle=styles.get(k[2], ":"), label=f"{k[0]} T={k[2]}")
             ax.set_title(f"{mode}, {set_name}")
             ax.set_xlabel("tokens committed per target pass")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=6)
         row[0].set_ylabel("share of target passes")
     fig.tight_layout()
