@@ -13,8 +13,8 @@ def torch_greedy(loaded, prompt_ids: list[int], max_new_tokens: int) -> tuple[li
 
     import torch
 
-    # transformers 5.25 renamed the cache argument and output from `past_key_values` to `cache` and will drop the old
-    # name; the extra allows releases on both sides of the rename.
+    # transformers 5.25 calls the cache argument and output `cache` and warns that 5.40 drops `past_key_values`:
+    # take whichever name the installed release uses.
     cache_name = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
     eos = set(loaded.spec.eos_token_ids)
     ids = list(prompt_ids)
