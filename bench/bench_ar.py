@@ -248,8 +248,10 @@ def main() -> None:
                 "the GGUF model's (design/feasibility.md). `-ar-only` rows are the same weights in a target graph "
                 "for plain decoding (`--ar-only`): no attention padding, which the other target graphs carry so "
                 "that their logits do not depend on pass size (needed for lossless speculation, "
-                "docs/kv-interface.md). The Q4_1 rows also pay an exact per-block offset term "
-                "`blocksum(A) @ (m + 8d)ᵀ` per linear that symmetric RTN weights do not need (~2 ms per pass)."]
+                "docs/kv-interface.md). `w8a8` is the speculation-oriented target (`--quant w8a8`: int8 weights per "
+                "channel, activations quantized per row; docs/speculative.md). The Q4_1 rows also pay an exact "
+                "per-block offset term `blocksum(A) @ (m + 8d)ᵀ` per linear that symmetric RTN weights do not need "
+                "(~2 ms per pass)."]
         write_section("ar", "\n".join(body))
 
 
