@@ -20,7 +20,7 @@ import onnx
 from edgespec.export.errors import ExportError
 from edgespec.export.graph import build_decoder
 from edgespec.export.sources import LoadedModel
-from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from edgespec.runtime.bundle import CACHE_DIR, MANIFEST, SCHEMA_VERSION, sha256_file
 
 QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "w8a8", "qdq")
 # Bumped whenever exported graphs change for the same options (3: causal fused targets and 8-bit embedding
@@ -222,7 +222,13 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished bundle onto `out`, replacing an older bundle only once the new one is complete."""
+    """Move the finished bundle onto `out`, replacing an older bundle only once the new one is complete.
+
+    The export's own runs (parity, n-gram text) leave measurements in `cache/`; they describe this machine
+    (optimized graphs, pass costs, the pass-size verdict), so they are dropped: the machine that runs the
+    bundle measures its own.
+    """
+    shutil.rmtree(tmp / CACHE_DIR, ignore_errors=True)
     if out.exists():
         if not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise ExportError(f"{out} exists and is not an edgespec bundle; refusing to replace it")

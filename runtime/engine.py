@@ -13,6 +13,7 @@ import numpy as np
 
 from edgespec.runtime.bundle import BundleError, Manifest, load_manifest
 from edgespec.runtime.decoding import DecodeState, decode_ar
+from edgespec.runtime.machine import cpu_tag
 from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
 from edgespec.runtime.sampling import SamplingParams
 from edgespec.runtime.text import BundleTokenizer
@@ -150,20 +151,21 @@ class Engine:
 
     def check_pass_sizes(self) -> dict:
         """This machine's verdict on whether the target computes a row alike in passes of every size
-        (runtime/selfcheck.py): from the bundle cache, or checked now (seconds, once per bundle, provider,
-        thread count and onnxruntime version). Passes are capped at the largest size found safe, for
-        every mode, so that `ar` and the speculative modes split the same work into the same passes.
+        (runtime/selfcheck.py): from the bundle cache, or checked now (seconds, once per bundle, CPU, provider,
+        thread count and onnxruntime version). It sets the target's padding (every pass padded to two rows
+        where one-row passes compute apart) and caps its passes at the largest size found safe, for every
+        mode, so that `ar` and the speculative modes split the same work into passes that agree.
         """
         if self.pass_check is None:
             import onnxruntime
 
             from edgespec.runtime.bundle import CACHE_DIR
-            from edgespec.runtime.selfcheck import cached_pass_check
+            from edgespec.runtime.selfcheck import MAX_ROWS, cached_pass_check
 
             key = f"{self._cache_key('target')}-ort{onnxruntime.__version__}"
             self.pass_check = cached_pass_check(self.target, self.manifest.root / CACHE_DIR, key)
             if self.target.fused:
-                self.target.max_chunk = min(self.target.max_chunk, max(1, int(self.pass_check["max_rows"])))
+                self.target.max_chunk = min(self.target.max_chunk, MAX_ROWS, max(1, self.pass_check["max_rows"]))
             elif self.pass_check["mismatched"]:
                 log.warning("this bundle's static target graphs compute a row apart in %d-row and one-row passes "
                             "on this machine: speculative modes match mode='ar' only up to rounding at near-ties",
@@ -174,7 +176,7 @@ class Engine:
         runner = self.target if role == "target" else self.draft
         info = self.manifest.models[role]
         digest = self.manifest.files.get(next(iter(info.graphs.values())).file, "")[:12]
-        return f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}"
+        return f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}-cpu{cpu_tag()}"
 
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""

@@ -204,16 +204,17 @@ class ModelRunner:
         # Graphs exported with `attention_rows` pad attention themselves, so the other operators run on
         # the real rows only; older graphs get the padding row as an input row.
         self.min_rows = min_rows if any(g.variant == "fused" for g, _ in sessions) else 1
+        # Rows every pass feeds through every operator (the runtime's pass-size check sets 2 on CPUs where
+        # a one-row MatMulNBits pass computes apart from wider ones: the padding row is then real input).
+        self.input_rows = 1
         kv_values = [ort.OrtValue.ortvalue_from_numpy(a) for pair in zip(self.keys, self.values, strict=True)
                      for a in pair]
         self._slots = sorted((self._bind(g, s, kv_values) for g, s in sessions),
                              key=lambda slot: slot.info.chunk or 1 << 30)
         static = [slot.info.chunk for slot in self._slots if slot.info.variant == "static"]
         self.max_chunk = max(static) if static and len(static) == len(self._slots) else max_chunk
-        # For each pass length: the smallest graph that fits it and the width the pass runs with there.
-        self._shapes = {n: next((slot, self._width(slot.info, n)) for slot in self._slots
-                                if slot.info.chunk is None or slot.info.chunk >= n)
-                        for n in range(1, self.max_chunk + 1)}
+        self._shapes: dict[int, tuple[_GraphSlot, int]] = {}
+        self._plan_shapes()
         self._logits = np.zeros((1, self.max_chunk, self.vocab_size), np.float32)
         self._logits_values: dict[int, ort.OrtValue] = {}  # pass width -> OrtValue over its rows of the output
         # A draft with a head over only `head_ids` writes its logits to `_head_logits`; they are spread into
@@ -256,11 +257,32 @@ class ModelRunner:
                 binding.bind_ortvalue_output("present_" + name, value)
             else:
                 binding.bind_ortvalue_output("new_" + name, ort.OrtValue.ortvalue_from_numpy(new_kv[j]))
-        return _GraphSlot(graph, session, binding, new_kv, _StepInputs(self._width(graph, 1), graph.tail_logits))
+        return _GraphSlot(graph, session, binding, new_kv, _StepInputs(1, graph.tail_logits))
+
+    def _plan_shapes(self) -> None:
+        """For each pass length: the smallest graph that fits it and the width the pass runs with there."""
+        for slot in self._slots:
+            width = self._width(slot.info, 1)
+            if len(slot.step.ids[0]) != width:
+                slot.step = _StepInputs(width, slot.info.tail_logits)
+                slot.stepping = False
+        self._shapes = {n: next((slot, self._width(slot.info, n)) for slot in self._slots
+                                if slot.info.chunk is None or slot.info.chunk >= n)
+                        for n in range(1, self.max_chunk + 1)}
+
+    def pad_passes(self, rows: int) -> None:
+        """Feed every pass at least `rows` rows through every operator (1: only what attention needs)."""
+        if rows not in (1, 2):
+            raise ValueError(f"passes are padded to 1 or 2 rows, not {rows}")
+        self.input_rows = rows
+        self._plan_shapes()
 
     def _width(self, graph: GraphInfo, n: int) -> int:
-        """Rows a pass of `n` tokens runs with on `graph`: its static chunk, else n padded to `min_rows`."""
-        return graph.chunk or (n if graph.attention_rows >= self.min_rows else max(n, self.min_rows))
+        """Rows a pass of `n` tokens runs with on `graph`: its static chunk, else n padded to `input_rows`,
+        and to `min_rows` where the graph does not pad attention itself."""
+        if graph.chunk:
+            return graph.chunk
+        return max(n, self.input_rows, 1 if graph.attention_rows >= self.min_rows else self.min_rows)
 
     @property
     def providers(self) -> list[str]:
@@ -290,10 +312,11 @@ class ModelRunner:
             raise ValueError("forward needs at least one token")
         if n > self.max_chunk:
             raise ValueError(f"chunk of {n} tokens exceeds this runner's max chunk {self.max_chunk}")
-        if self.length + max(n, self.min_rows) > self.max_context:
-            raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
-                                   f"{self.length} are used and this pass needs {max(n, self.min_rows)} more")
         slot, width = self._shapes[n]
+        need = n if slot.info.chunk else max(width, self.min_rows)  # a fused pass writes K/V for its padding too
+        if self.length + need > self.max_context:
+            raise ContextFullError(f"the {self.role} KV buffer holds {self.max_context} tokens; "
+                                   f"{self.length} are used and this pass needs {need} more")
         if mask is not None and not slot.info.tree_mask and not np.array_equal(mask, np.tri(n, dtype=bool)):
             raise ValueError(f"the {self.role} graph is causal: it ignores attention_mask and cannot run a tree pass "
                              "(targets verify a path, docs/speculative.md)")

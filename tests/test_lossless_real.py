@@ -6,6 +6,7 @@ import pytest
 from humaneval_prompts import humaneval_prompts
 
 from edgespec.runtime.engine import Engine
+from edgespec.runtime.selfcheck import MAX_ROWS
 
 
 @pytest.mark.slow
@@ -20,4 +21,4 @@ def test_humaneval_subset_spec_staged_ngram_identical_to_ar(bundle, request):
         for mode, options in (("spec", {}), ("spec", {"k": 4}), ("staged", {"depth": 6}), ("ngram", {})):
             r = engine.generate(prompt, max_new_tokens=128, chat=True, mode=mode, **options)
             assert r.token_ids == ar.token_ids, f"prompt {i}, {mode} {options}"
-    assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == 128
+    assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == MAX_ROWS

@@ -9,9 +9,11 @@ import onnx
 import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from edgespec.runtime.bundle import sha256_file
+from edgespec.runtime.bundle import load_manifest, sha256_file
 from edgespec.runtime.engine import Engine, ModeError
-from edgespec.runtime.selfcheck import safe_rows
+from edgespec.runtime.machine import cpu_description, isa_summary
+from edgespec.runtime.model import ModelRunner, SessionConfig
+from edgespec.runtime.selfcheck import MAX_ROWS, check_runner, pass_size_mismatches
 
 
 def _copy(bundle, tmp_path):
@@ -24,19 +26,21 @@ def test_check_passes_on_our_graph_and_is_kept_in_the_bundle_cache(tiny_bundle, 
     bundle = _copy(tiny_bundle, tmp_path)
     engine = Engine.load(bundle)
     ar = engine.generate("def f(x):", max_new_tokens=20)
-    assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == 128
-    assert 2 in engine.pass_check["checked"] and 128 in engine.pass_check["checked"]
+    assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == MAX_ROWS
+    assert engine.pass_check["checked"] == list(range(2, MAX_ROWS + 1))  # every size a mode can run
+    assert engine.target.max_chunk == MAX_ROWS
     (cached,) = (bundle / "cache").glob("pass-check.target-*.json")
     assert json.loads(cached.read_text()) == engine.pass_check
-    # The verdict is read back from the cache: a machine that found 16-row passes safe but not 24 caps passes at 16.
-    cached.write_text(json.dumps({"checked": [2, 16, 24], "mismatched": [24], "max_rows": 16}))
+    # The verdict is read back from the cache: a machine that found 16-row passes safe but not 17 caps passes at 16.
+    cached.write_text(json.dumps({"input_rows": 1, "checked": list(range(2, 18)), "mismatched": [17],
+                                  "max_rows": 16}))
     capped = Engine.load(bundle)
     again = capped.generate("def f(x):", max_new_tokens=20)
     assert capped.target.max_chunk == 16 and again.token_ids == ar.token_ids
     assert capped.generate("def f(x):", max_new_tokens=20, mode="ngram").token_ids == ar.token_ids
     cached.write_text('{"checked": [2], "mismat')  # a truncated verdict is checked again, not trusted or fatal
     assert Engine.load(bundle).generate("def f(x):", max_new_tokens=20).token_ids == ar.token_ids
-    assert json.loads(cached.read_text())["max_rows"] == 128
+    assert json.loads(cached.read_text())["max_rows"] == MAX_ROWS
 
 
 def test_a_target_whose_rows_depend_on_the_pass_is_refused_for_speculation(tiny_bundle, tmp_path):
@@ -53,16 +57,61 @@ def test_a_target_whose_rows_depend_on_the_pass_is_refused_for_speculation(tiny_
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     engine = Engine.load(bundle)
     assert engine.generate("def f(x):", max_new_tokens=8).token_ids  # plain decoding still works
-    assert 2 in engine.pass_check["mismatched"] and engine.pass_check["max_rows"] == 1
+    assert engine.pass_check["mismatched"] == [2] and engine.pass_check["max_rows"] == 1
     for mode in ("ngram", "spec", "staged"):
         with pytest.raises(ModeError, match="cannot reproduce"):
             engine.generate("def f(x):", max_new_tokens=8, mode=mode)
 
 
-def test_safe_rows_stops_below_the_first_disagreeing_size():
-    assert safe_rows([2, 8, 16, 32], [], 128) == 128
-    assert safe_rows([2, 8, 16, 32], [16, 32], 128) == 8
-    assert safe_rows([2, 8, 16, 32], [2], 128) == 1
+def test_the_cache_key_names_this_cpu(tiny_bundle, tmp_path):
+    """A verdict holds only for the CPU that made it (kernels differ between AVX2, AVX-512 and AMX): a bundle
+    copied to another machine checks again instead of trusting the export machine's verdict."""
+    from edgespec.runtime.machine import cpu_tag
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    engine = Engine.load(bundle)
+    engine.check_pass_sizes()
+    (cached,) = (bundle / "cache").glob("pass-check.target-*.json")
+    assert f"-cpu{cpu_tag()}-" in cached.name
+    foreign = cached.with_name(cached.name.replace(f"-cpu{cpu_tag()}-", "-cpu0000000000-"))
+    cached.rename(foreign)
+    Engine.load(bundle).check_pass_sizes()
+    assert cached.is_file()  # checked again under this CPU's key
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_bundle(tiny_dir, tmp_path_factory):
+    from conftest import quiet
+
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+
+    return export_bundle(str(tiny_dir), tmp_path_factory.mktemp("int4") / "b",
+                         options=ExportOptions(quant="int4", max_context=256, log=quiet), parity=False)
+
+
+def test_int4_passes_are_padded_where_this_cpu_needs_it(tiny_int4_bundle, tmp_path):
+    """4-bit MatMulNBits computes a one-row pass apart from wider passes on AVX2 CPUs without VNNI (two or
+    more rows agree with each other); the check then pads every pass to two rows, and speculation equals `ar`.
+    On CPUs whose one-row kernel agrees it pads nothing. Either way the chosen padding must pass the check."""
+    runner = ModelRunner.open(load_manifest(tiny_int4_bundle), "target", SessionConfig(cache_optimized=False))
+    verdict = check_runner(runner)
+    print(isa_summary(), cpu_description(), verdict)
+    assert verdict["mismatched"] == [] and verdict["max_rows"] == MAX_ROWS
+    assert runner.input_rows == verdict["input_rows"]
+    assert pass_size_mismatches(runner) == (list(range(2, MAX_ROWS + 1)), [])
+    runner.pad_passes(1)
+    unpadded = pass_size_mismatches(runner)[1]
+    assert (verdict["input_rows"] == 2) == bool(unpadded)  # padding only where one-row passes disagree
+    flags = set(cpu_description()[1])
+    if "avx2" in flags and not flags & {"avx512f", "avx_vnni"}:  # measured on AVX2-only AMD EPYC: always
+        assert verdict["input_rows"] == 2 and unpadded == [2]
+    engine = Engine.load(_copy(tiny_int4_bundle, tmp_path))
+    prompt = "def reverse(s):"
+    ar = engine.generate(prompt, max_new_tokens=40)
+    for mode in ("ngram",):
+        assert engine.generate(prompt, max_new_tokens=40, mode=mode).token_ids == ar.token_ids
+    assert engine.target.input_rows == verdict["input_rows"]
 
 
 def test_a_static_shape_target_is_checked_reported_and_not_capped(tiny_dir, tmp_path, caplog):
@@ -81,7 +130,8 @@ def test_a_static_shape_target_is_checked_reported_and_not_capped(tiny_dir, tmp_
     with caplog.at_level(logging.WARNING, logger="edgespec.runtime"):
         ar = engine.generate("def f(x):", max_new_tokens=20)
     check = engine.pass_check
-    assert not engine.target.fused and engine.target.max_chunk == 8 and check["checked"] == [2, 3, 4, 5, 8]
+    assert not engine.target.fused and engine.target.max_chunk == 8
+    assert check["checked"] == list(range(2, min(check["mismatched"] or [8]) + 1))
     warned = [r for r in caplog.records if "static target graphs" in r.getMessage()]
     assert len(warned) == (1 if check["mismatched"] else 0)
     staged = engine.generate("def f(x):", max_new_tokens=20, mode="staged")
