@@ -2,9 +2,10 @@
 
 A mode is a generator: it reads `state.tokens` (every committed token), runs its models and
 yields the tokens it commits next (one for `ar`, several for speculative modes). The engine
-appends them, checks the stop conditions and either resumes or closes the generator. Each
-model's KV holds a prefix of `state.tokens`; a mode first feeds whatever its models have not
-seen yet, so modes, turns and rollbacks compose without special cases.
+appends them, checks the stop conditions and either resumes or closes the generator. A model's
+KV may hold any text (another conversation's, a discarded turn); a mode first feeds whatever its
+models do not hold of `state.tokens` (`catch_up` compares token ids), so modes, turns, conversations
+and rollbacks compose without special cases.
 """
 
 from __future__ import annotations
@@ -46,16 +47,27 @@ class DecodeState:
 
 
 def catch_up(runner: ModelRunner, tokens: list[int], keep_last: int = 0) -> np.ndarray | None:
-    """Feed the tokens `runner` has not seen, leaving the last `keep_last` unfed; returns the last logits.
+    """Feed the tokens `runner` has not seen, leaving the last `keep_last` unfed; returns the last logits
+    (None when there was nothing to feed).
 
-    Rolls back first if the runner holds more than the committed prefix (a discarded turn).
+    The buffer may hold another conversation's text, or this one's discarded turn: it is compared with
+    `tokens` id by id and rolled back to the first difference, so only what it holds of this text is reused.
     """
     end = len(tokens) - keep_last
-    if runner.length > end:
-        runner.rollback(end)
-    if runner.length == end:
+    common = min(runner.common_prefix(tokens), end)
+    if runner.length > common:
+        runner.rollback(common)
+    if common == end:
         return None
-    return runner.prefill(tokens[runner.length:end])
+    return runner.prefill(tokens[common:end])
+
+
+def next_logits(runner: ModelRunner, tokens: list[int]) -> np.ndarray:
+    """The runner's logits for the token after `tokens`, feeding what it has not seen; when it holds them
+    all, the last one is fed again (a buffer keeps K/V, not logits)."""
+    if runner.common_prefix(tokens) >= len(tokens):
+        runner.rollback(len(tokens) - 1)
+    return catch_up(runner, tokens)
 
 
 def decode_ar(state: DecodeState) -> Iterator[list[int]]:
@@ -68,13 +80,10 @@ def decode_ar(state: DecodeState) -> Iterator[list[int]]:
     elif state.options.get("model", "target") != "target":
         raise ValueError(f"model must be 'target' or 'draft', got {state.options['model']!r}")
     t0 = time.perf_counter()
-    before = target.length
-    logits = catch_up(target, state.tokens)
-    state.prefilled = target.length - before
+    fed = target.stats.tokens
+    logits = next_logits(target, state.tokens)
+    state.prefilled = target.stats.tokens - fed
     state.stats["prefill_seconds"] = time.perf_counter() - t0
-    if logits is None:  # everything already seen (cannot happen after a new turn): re-run the last token
-        target.rollback(target.length - 1)
-        logits = target.forward([state.tokens[-1]])[-1]
     while True:
         token = state.next_token(logits)
         yield [token]

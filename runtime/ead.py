@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.decoding import DecodeState, next_logits
 from edgespec.runtime.sampling import entropy_bits
 from edgespec.runtime.speculative import require_draft
 from edgespec.runtime.staged import StagedStep
@@ -125,11 +125,9 @@ def _catch_up_counted(ctl: EadController, state: DecodeState, runner, tokens: li
     The very first feed is the prompt's prefill; later feeds of more than the newest token are
     the catch-up a switch costs.
     """
-    before = runner.length
-    if runner.length >= len(tokens):  # nothing new: re-run the last token to get its logits
-        runner.rollback(len(tokens) - 1)
-    logits = catch_up(runner, tokens)
-    fed = runner.length - before
+    before = runner.stats.tokens
+    logits = next_logits(runner, tokens)
+    fed = runner.stats.tokens - before
     if ctl.first_feed:
         ctl.first_feed = False
         state.prefilled = fed
@@ -179,7 +177,7 @@ def decode_ead_spec(state: DecodeState) -> Iterator[list[int]]:
                     ctl.produced(1)
                     yield [token]
                     continue
-            before = large.length
+            before = min(large.common_prefix(tokens), len(tokens) - 1)
             emitted, target_logits = staged()
             caught_up = large.length - before - len(emitted)
             if caught_up > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,7 +61,17 @@ def register_mode(name: str, fn: Callable) -> None:
 
 
 class Engine:
-    """A loaded bundle: tokenizer, target (and draft) runners with their KV buffers."""
+    """A loaded bundle: tokenizer, target (and draft) runners with their KV buffers.
+
+    One KV buffer per model, shared by every conversation: each runner records the token ids its buffer
+    holds, and a generation keeps what it holds of its own text and re-prefills from the first token
+    that differs. Conversations that alternate therefore give exactly what each would give alone; a
+    switch costs the prefill of the text past the common prefix (for chat, past the template's opening).
+
+    Thread safety: `lock` (a re-entrant lock) is held for each whole generation, so generations from
+    several threads run one after another. A `stream` holds it from its first piece until it is
+    exhausted or closed: close a stream you stop reading (or drop it; CPython closes it then).
+    """
 
     def __init__(self, manifest: Manifest, tokenizer: BundleTokenizer, target: ModelRunner,
                  draft: ModelRunner | None, load_seconds: float):
@@ -75,6 +86,7 @@ class Engine:
         self.spinning = False  # set by load(): the sessions keep their workers spinning between passes (a lone model)
         self.target_pass_size_invariant = all(g.pass_size_invariant for g in manifest.target.graphs.values())
         self.pass_check: dict | None = None  # this machine's verdict on that (runtime/selfcheck.py)
+        self.lock = threading.RLock()  # held by each generation: the runners' buffers are shared
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | dict = "auto", threads: int | None = None,
@@ -129,10 +141,13 @@ class Engine:
         session = ChatSession(self)
         gen = session.iterate(self.prompt_tokens(prompt, chat), max_new_tokens, mode, params,
                               {**kwargs, "on_text": pieces.append})
-        for _ in gen:
+        try:
+            for _ in gen:
+                yield from pieces
+                pieces.clear()
             yield from pieces
-            pieces.clear()
-        yield from pieces
+        finally:  # an abandoned stream releases the engine's lock
+            gen.close()
 
     def measure_costs(self) -> dict[str, dict[int, float]]:
         """Seconds of a pass per chunk length on this machine, per model, measured once and kept in the bundle cache.
@@ -191,9 +206,6 @@ class ChatSession:
         self.tokens: list[int] = []
         self.messages: list[dict] = []
         self.last_result: GenerationResult | None = None
-        engine.target.rollback(0)
-        if engine.draft is not None:
-            engine.draft.rollback(0)
 
     def send(self, content: str, max_new_tokens: int = 256, mode: str = "ar", **kwargs) -> GenerationResult:
         """Add a user turn, generate the assistant turn, and keep both in the history."""
@@ -215,6 +227,12 @@ class ChatSession:
 
     def iterate(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
                 options: dict) -> Iterator[None]:
+        """`_iterate` holding the engine's lock (released when the generator ends or is closed)."""
+        with self.engine.lock:
+            yield from self._iterate(tokens, max_new_tokens, mode, params, options)
+
+    def _iterate(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
+                 options: dict) -> Iterator[None]:
         """The decode loop: run the mode, commit its tokens, stop on EOS / stop string / length."""
         engine = self.engine
         if len(MODES) == 1:
@@ -241,11 +259,11 @@ class ChatSession:
                                 'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
         if mode in COSTED_MODES and not engine.cost_curves:
             engine.cost_curves = engine.measure_costs()
-        reused = _common_prefix(self.tokens, tokens)
-        for runner in (engine.target, engine.draft):
-            if runner is not None and runner.length > reused:
-                runner.rollback(reused)
+        reused = _common_prefix(self.tokens, tokens)  # of this conversation's text (its KV may be gone)
         self.tokens = list(tokens)
+        for runner in (engine.target, engine.draft):  # keep what a buffer holds of this text, free the rest
+            if runner is not None:
+                runner.rollback(runner.common_prefix(self.tokens))
         bundle_tau = engine.manifest.raw.get("runtime", {}).get("ead", {}).get("tau")
         if bundle_tau is not None:
             options.setdefault("bundle_tau", bundle_tau)
@@ -318,9 +336,6 @@ class ChatSession:
             text = "".join(stream.step(tokenizer, tok) or "" for tok in new_ids if tok not in eos)
         if on_text is not None and len(text) > emitted:
             on_text(text[emitted:])
-        for runner in (engine.target, engine.draft):  # KV may hold rejected or not-yet-committed rows
-            if runner is not None and runner.length > len(self.tokens):
-                runner.rollback(len(self.tokens))
         elapsed = time.perf_counter() - t_start
         stats = dict(state.stats)
         n = len(new_ids)

@@ -3,6 +3,10 @@
 The buffer is allocated once at load (`max_context` slots per layer) and bound to the session
 with IO binding as both past and present, so GroupQueryAttention writes each chunk's K/V in
 place. `length` is the write index: everything below it is valid, rollback is assigning it.
+
+The runner also keeps `tokens`, the ids whose K/V fill slots 0..length-1. The buffer is shared by every
+conversation on an engine, so a caller never trusts `length` alone: it asks `common_prefix` how much of
+its own text the buffer holds and feeds the rest (runtime/decoding.py `catch_up`).
 """
 
 from __future__ import annotations
@@ -224,7 +228,8 @@ class ModelRunner:
         if self.head_ids is not None:
             self._logits.fill(UNLISTED)
             self._head_logits = np.zeros((1, self.max_chunk, len(self.head_ids)), np.float32)
-        self.length = 0
+        self.tokens: list[int] = []  # the ids whose K/V are in slots 0..length-1
+        self._tree_from: int | None = None  # first slot of a tree pass that `keep` has not settled yet
         self.stats = PassStats()
 
     @property
@@ -293,6 +298,22 @@ class ModelRunner:
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
     @property
+    def length(self) -> int:
+        """The write index: slots below it hold the K/V of `tokens`."""
+        return len(self.tokens)
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the buffer holds: their K/V were computed over exactly these ids.
+
+        Rows of a tree pass count only once `keep` has made them a causal path.
+        """
+        held = self.tokens if self._tree_from is None else self.tokens[:self._tree_from]
+        n = min(len(held), len(tokens))
+        if held[:n] == tokens[:n]:
+            return n
+        return next(i for i in range(n) if held[i] != tokens[i])
+
+    @property
     def capacity(self) -> int:
         """Slots still free in the KV buffer."""
         return self.max_context - self.length
@@ -339,7 +360,9 @@ class ModelRunner:
             for i in range(len(self.keys)):
                 self.keys[i][:, :, self.length:end] = slot.new_kv[2 * i][:, :, :n]
                 self.values[i][:, :, self.length:end] = slot.new_kv[2 * i + 1][:, :, :n]
-        self.length += n
+        if positions is not None or mask is not None:  # rows of a tree: not a causal sequence until `keep`
+            self._tree_from = self.length if self._tree_from is None else self._tree_from
+        self.tokens.extend(tokens.tolist())
         return self._logits[0, :n - first]
 
     def _bind_step(self, slot: _GraphSlot, token: int) -> None:
@@ -387,7 +410,9 @@ class ModelRunner:
         """Forget every slot at or after `length`: the next pass overwrites them."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: {self.length} slots are valid")
-        self.length = length
+        del self.tokens[length:]
+        if self._tree_from is not None and length <= self._tree_from:
+            self._tree_from = None
 
     def keep(self, start: int, rows: list[int] | np.ndarray) -> None:
         """After a tree pass that began at slot `start`, keep chunk rows `rows` (in order) as slots start, start+1..."""
@@ -400,7 +425,8 @@ class ModelRunner:
         if moved.any():  # a gather of a few rows per layer; the source index is never below the target
             for buf in self.keys + self.values:
                 buf[:, :, dst[moved]] = buf[:, :, src[moved]]
-        self.length = start + len(rows)
+        self.tokens[start:] = [self.tokens[i] for i in src]
+        self._tree_from = None
 
     def prefill(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Feed tokens in chunks of at most `max_chunk`; returns the logits of the last one."""

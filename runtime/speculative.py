@@ -111,14 +111,20 @@ def _pass_seconds(state: DecodeState) -> tuple[float | None, float | None]:
     return (draft[1] if draft else None), (target[1] if target else None)
 
 
+def prefill_target(state: DecodeState, stats: SpecStats) -> None:
+    """Feed the target what it does not hold of the committed text but the last token, which the first
+    verify pass feeds (counted as prefilled)."""
+    t0 = time.perf_counter()
+    fed = state.target.stats.tokens
+    catch_up(state.target, state.tokens, keep_last=1)
+    state.prefilled = state.target.stats.tokens - fed + 1
+    stats.add_time("prefill", time.perf_counter() - t0)
+
+
 def decode_spec(state: DecodeState) -> Iterator[list[int]]:
     require_draft(state, "spec")
     stats = SpecStats.attach(state)
-    t0 = time.perf_counter()
-    before = state.target.length
-    catch_up(state.target, state.tokens, keep_last=1)
-    state.prefilled = state.target.length - before + 1
-    stats.add_time("prefill", time.perf_counter() - t0)
+    prefill_target(state, stats)
     while True:
         emitted, _ = chain_step(state, stats)
         yield emitted

@@ -32,7 +32,7 @@ from edgespec.runtime.decoding import DecodeState, catch_up
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.sampling import sample
-from edgespec.runtime.speculative import RowDistributions, require_draft
+from edgespec.runtime.speculative import RowDistributions, prefill_target, require_draft
 from edgespec.runtime.stats import SpecStats, expected_tokens
 from edgespec.runtime.tree import DraftTree
 
@@ -64,19 +64,11 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[n
     return proposal[:n] + [nxt], logits[:n + 1]
 
 
-def _start(state: DecodeState, stats: SpecStats) -> None:
-    t0 = time.perf_counter()
-    before = state.target.length
-    catch_up(state.target, state.tokens, keep_last=1)
-    state.prefilled = state.target.length - before + 1
-    stats.add_time("prefill", time.perf_counter() - t0)
-
-
 def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
     """Model-free speculation: the n-gram drafter proposes straight to the target."""
     stats = SpecStats.attach(state)
     direct = DirectNgram(state, stats, _drafter(state))
-    _start(state, stats)
+    prefill_target(state, stats)
     try:
         while True:
             limit = min(state.target.capacity, state.target.max_chunk) - 1
@@ -155,7 +147,7 @@ class StagedDrafter:
     def lag(self) -> int:
         """Committed tokens the draft has not seen (the pending one aside)."""
         tokens = self.state.tokens
-        return len(tokens) - 1 - min(self.state.draft.length, len(tokens) - 1)
+        return len(tokens) - 1 - min(self.state.draft.common_prefix(tokens), len(tokens) - 1)
 
     def lag_split(self, tree_rows: int) -> tuple[int, int]:
         """The pending catch-up as (tokens fed in chunks of their own, tokens riding along the first tree pass).
@@ -324,7 +316,7 @@ class StagedStep:
 
 def decode_staged(state: DecodeState) -> Iterator[list[int]]:
     step = StagedStep(state)
-    _start(state, step.stats)
+    prefill_target(state, step.stats)
     try:
         while True:
             yield step()[0]
