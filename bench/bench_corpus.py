@@ -94,11 +94,11 @@ def main() -> None:
                  f"--new-tokens {args.new_tokens} --rounds {args.rounds} --write-docs`. One batch of {len(prompts)} "
                  f"distillation prompts (chat template), {args.new_tokens} sampled tokens each (T = 0.8), the "
                  f"{len(systems)} paths alternating per round in one process; labels compared with fp32 teacher "
-                 "forcing of the target over each path's own text.", "",
-                 "| path | answer tokens/s (median) | top-1 label = fp32 target |", "|---|---|---|"]
-        lines += [f"| {n} | {statistics.median(speed[n]):.0f} | {agree[n]:.1%} |" for n in names]
-        lines += ["", "Now / " + ", now / ".join(f"{n}: **{r:.2f}×**" for n, r in ratios.items()) + "."]
-        write_section("corpus", "\n".join(lines))
+                 "forcing of the target over each path's own text.", ""]
+        table = ["| path | answer tokens/s (median) | top-1 label = fp32 target |", "|---|---|---|"]
+        table += [f"| {n} | {statistics.median(speed[n]):.0f} | {agree[n]:.1%} |" for n in names]
+        lines += [*table, "", "Now / " + ", now / ".join(f"{n}: **{r:.2f}×**" for n, r in ratios.items()) + "."]
+        write_section("corpus", "\n".join(lines), "\n".join(table))
 
 
 if __name__ == "__main__":

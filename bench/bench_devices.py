@@ -67,7 +67,8 @@ def main() -> None:
             f"Machine: {machine()}. Commit {git_rev()}. Command: `.venv-openvino/bin/python bench/bench_devices.py "
             f"--prompts {args.prompts} --write-docs`. Static {args.quant} bundle (`--device npu`, chunks 1 and 16), "
             f"first {args.prompts} HumanEval prompts, {args.max_new_tokens} new tokens, medians; onnxruntime-openvino "
-            "1.24.1 provides both providers in this run.", "", *lines, "", verdict + "."]))
+            "1.24.1 provides both providers in this run.", "", *lines, "", verdict + "."]),
+            "\n".join([*lines, "", verdict + "."]))
 
 
 if __name__ == "__main__":

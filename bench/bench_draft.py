@@ -46,7 +46,20 @@ def main() -> None:
         costs[quant] = measure_cost_ratio(bundle, rounds=5)
         print(f"{quant}: cost ratio {costs[quant]['cost_ratio']:.3f}")
     if args.write_docs:
-        write_section("draft", _report(args, info, rows, costs))
+        write_section("draft", _report(args, info, rows, costs), _summary(info, rows, costs))
+
+
+def _summary(info: dict, rows: list, costs: dict) -> str:
+    """The headline table of docs/benchmarks.md: held-out agreement and cost ratio in one row."""
+    d = info.get("distillation", {})
+    minutes = (d.get("corpus_seconds", 0) + d.get("train_seconds", 0)) / 60
+    ratios = " / ".join(f"{c['cost_ratio']:.3f}" for c in costs.values())
+    return "\n".join([
+        "| draft | " + " | ".join(f"{name} agreement (before → after distillation)" for name, _, _ in rows)
+        + " | cost ratio (" + " / ".join(costs) + ") | distillation minutes |",
+        "|---|" + "---|" * (len(rows) + 2),
+        f"| layers {info['layers']} | " + " | ".join(f"{before:.1%} → {after:.1%}" for _, before, after in rows)
+        + f" | {ratios} | {minutes:.1f} |"])
 
 
 def _report(args, info: dict, rows: list, costs: dict) -> str:

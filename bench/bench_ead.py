@@ -194,7 +194,26 @@ def main() -> None:
     print("ead-spec slower than ead:", slower or "nowhere")
     if args.write_docs:
         shutil.copyfile(plot_path, ROOT / "docs" / "ead-calibration.png")
-        write_section("ead", "\n".join(docs_body(args, engine, chosen, sweep_rows, overlap, lines, slower, rows)))
+        write_section("ead", "\n".join(docs_body(args, engine, chosen, sweep_rows, overlap, lines, slower, rows)),
+                      "\n".join(summary(rows)))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The headline table of docs/benchmarks.md: `ead-spec` per τ, both prompt sets in one row."""
+    by = {(r["set"], r["mode"], r["tau"]): r for r in rows}
+    out = ["| mode | τ | large-model share (HumanEval / prose) | speedup vs ar (HumanEval / prose) "
+           "| large model's NLL / ar's (HumanEval / prose) |", "|---|---|---|---|---|"]
+    ar = [by[(s, "ar", None)] for s in SETS]
+    out.append(f"| ar (large) | – | 1.0 / 1.0 | 1.0 / 1.0 ({' / '.join(str(r['tok_s']) for r in ar)} tok/s) "
+               "| 1.0 / 1.0 |")
+    for r in rows:
+        if r["mode"] == "ead-spec" and r["set"] == SETS[0]:
+            pair = [by[(s, "ead-spec", r["tau"])] for s in SETS]
+            tau = fmt_tau(r["tau"]) + (" (calibrated)" if r["calibrated"] else "")
+            out.append(f"| ead-spec | {tau} | {' / '.join(str(x['large_share']) for x in pair)} | "
+                       f"{' / '.join(str(x['speedup']) for x in pair)} | "
+                       f"{' / '.join(str(x['nll_ratio']) for x in pair)} |")
+    return out
 
 
 def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overlap: list[str], lines: list[str],
@@ -224,7 +243,7 @@ def docs_body(args, engine: Engine, chosen: dict, sweep_rows: list[dict], overla
         f"greedy output: chosen τ = {chosen['tau']:g} (calibration ROUGE-L {chosen['rouge_l']:.3f}, large share "
         f"{chosen['large_share']:.0%}).",
         "",
-        "![EAD calibration: quality and large-model share against τ](ead-calibration.png)",
+        "![EAD calibration: quality and large-model share against τ](../ead-calibration.png)",
         "",
         *lines,
         "",

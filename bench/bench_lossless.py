@@ -54,7 +54,11 @@ def main() -> int:
         write_section("lossless", "\n".join([
             "## Greedy losslessness on HumanEval", "",
             f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_lossless.py --quant {args.quant} "
-            f"--max-new-tokens {args.max_new_tokens} --write-docs` (chat template, adaptive sizes).", "", summary]))
+            f"--max-new-tokens {args.max_new_tokens} --write-docs` (chat template, adaptive sizes).", "", summary]),
+            "\n".join(["| bundle | HumanEval prompts | `spec`, `staged`, `ngram` = `ar` | tokens each "
+                       "| target passes (ar / spec / staged / ngram) |", "|---|---|---|---|---|",
+                       f"| {args.quant} | {len(prompts)} | every prompt | {tokens['ar']} | "
+                       f"{' / '.join(str(passes[m]) for m in ('ar', *MODES))} |"]))
     return 0
 
 

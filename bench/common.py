@@ -1,10 +1,17 @@
-"""Shared pieces of the benchmarks: prompt sets, bundles, machine facts, and docs/benchmarks.md sections."""
+"""Shared pieces of the benchmarks: prompt sets, bundles, machine facts, and what `--write-docs` writes.
+
+`--write-docs` writes two things (`write_section`): the benchmark's full report to docs/benchmark-log/<name>.md,
+replaced by each run, and a short summary (the headline table, the exact command, the machine, the date) into the
+section of docs/benchmarks.md between `<!-- begin <name> -->` and `<!-- end <name> -->`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -14,6 +21,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
+LOG = ROOT / "docs" / "benchmark-log"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from humaneval_prompts import humaneval_prompts  # noqa: E402
@@ -101,18 +109,53 @@ def parse_with_common(ap) -> tuple[object, Path]:
     return args, work
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+# The instruction sets the CPU kernels choose between (4-bit MatMulNBits computes one-row passes differently on
+# AVX2 without VNNI), in the order they are reported.
+ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "bf16",
+             "amx_tile": "AMX"}
+
+
+def isa() -> str:
+    """e.g. "AVX2 + FMA, no AVX-512/VNNI/bf16/AMX", from /proc/cpuinfo ("ISA unknown" elsewhere)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "ISA unknown"
+    have = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+    lack = [name for flag, name in ISA_FLAGS.items() if flag not in flags]
+    return " + ".join(have) + (f", no {'/'.join(lack)}" if lack else "")
+
+
+def short_machine() -> str:
+    """The machine as the summary in docs/benchmarks.md names it: CPU, instruction sets, cores, onnxruntime."""
+    return f"{cpu_name()} ({isa()}), {os.cpu_count()} logical CPUs, onnxruntime {ort.__version__}"
+
+
+def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
-            f"load average at start {load:.2f}, {time.strftime('%Y-%m-%d')}")
+    return (f"{cpu_name()} ({isa()}), {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+            f"onnxruntime {ort.__version__}, load average at start {load:.2f}, {time.strftime('%Y-%m-%d')}")
+
+
+def command() -> str:
+    """The exact command line of this run, as typed from the repository root (the interpreter named by its path
+    when it lives in the repository, as the OpenVINO environment does)."""
+    python = Path(sys.executable)
+    python = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else "python"
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(sys.argv[0])
+    return shlex.join([python, str(script), *sys.argv[1:]])
 
 
 def git_rev() -> str:
@@ -123,16 +166,38 @@ def git_rev() -> str:
         return "unknown"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `name` of docs/benchmarks.md between marker comments, atomically."""
+def first_table(text: str) -> str:
+    """The first markdown table of `text` (the summary of a report that names none)."""
+    match = re.search(r"(?m)(^\|.*\|[ \t]*\n?)+", text)
+    return match.group(0).rstrip() if match else ""
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_section(name: str, body: str, summary: str | None = None) -> None:
+    """What `--write-docs` writes, each file replaced atomically: the full report `body` (markdown, its title a
+    `## ` heading) to docs/benchmark-log/<name>.md, overwriting the previous run's, and into the section `name` of
+    docs/benchmarks.md (between marker comments; appended with the report's title if missing) the `summary`, the
+    headline table of a few rows (by default the report's first table), under the exact command, the machine and
+    the date, with a link to the full report."""
+    date, cmd = time.strftime("%Y-%m-%d"), command()
+    LOG.mkdir(parents=True, exist_ok=True)
+    _replace(LOG / f"{name}.md", f"*Full report of the latest run, replaced by the next `--write-docs` run; its "
+             f"summary is in [../benchmarks.md](../benchmarks.md).*\n\n{body.rstrip()}\n")
+    summary = first_table(body) if summary is None else summary
+    short = "\n".join([f"Run on {date}, {short_machine()}. Command: `{cmd}`", "", summary.rstrip(), "",
+                        f"Full report: [benchmark-log/{name}.md](benchmark-log/{name}.md)."])
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\nMeasured on our 2-core machines; " \
         "ratios are measured side by side in one run because the machines are shared and noisy.\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
+    block = f"{begin}\n{short}\n{end}"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = DOCS.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
+        title = next((line for line in body.splitlines() if line.startswith("## ")), f"## {name}")
+        text = text.rstrip() + f"\n\n{title}\n\n{block}\n"
+    _replace(DOCS, text)
