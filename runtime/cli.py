@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from edgespec.devices.placement import DevicePlacementError
@@ -12,14 +13,25 @@ from edgespec.runtime.bundle import BundleError
 from edgespec.runtime.sampling import SamplingError
 
 
+def _mode_help() -> str:
+    from edgespec.runtime.modes import MODES
+
+    return "; ".join(f"{name}: {mode.help} (settings: {', '.join(f.name for f in fields(mode.settings)) or 'none'})"
+                     for name, mode in MODES.items())
+
+
 def _add_generate(sub) -> None:
+    from edgespec.runtime.modes import MODES
+
     p = sub.add_parser("generate", help="generate text from a bundle")
     p.add_argument("--bundle", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
-    p.add_argument("--mode", default="ar")
+    p.add_argument("--mode", default="ar", choices=list(MODES), help=_mode_help())
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="a setting of the mode, e.g. --set depth=4 (repeatable; 'none' for the adaptive default)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -33,9 +45,27 @@ def _add_generate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def _request(args):
+    """The sampling flags and `--set NAME=VALUE` settings, validated by the mode's settings dataclass."""
+    from edgespec.runtime.modes import SAMPLING, make_request, parse_setting
+
+    settings = {}
+    for item in args.settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes NAME=VALUE, got {item!r}")
+        if name in SAMPLING:
+            raise ValueError(f"{name} has a flag of its own: --{name.replace('_', '-')}")
+        settings[name] = parse_setting(args.mode, name, value)
+    return make_request(args.mode, dict(
+        settings, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop)))
+
+
 def _generate(args) -> int:
     from edgespec.runtime.engine import Engine
 
+    request = _request(args)
     if args.prompt_file:
         try:
             prompt = Path(args.prompt_file).read_text()
@@ -44,20 +74,13 @@ def _generate(args) -> int:
     else:
         prompt = args.prompt
     engine = Engine.load(args.bundle, device=args.device, threads=args.threads, strict=args.strict_device)
+    tokens = engine.prompt_tokens(prompt, args.chat)
     if args.json:
-        r = engine.generate(prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, chat=args.chat,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+        r = engine.chat().run(tokens, args.max_new_tokens, request)
         print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                           "stats": r.stats, "message": r.message}))
         return 0
-    from edgespec.runtime.sampling import SamplingParams
-
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
-    tokens = engine.prompt_tokens(prompt, args.chat)
-    r = engine.chat().run(tokens, args.max_new_tokens, args.mode, params,
-                          {"on_text": lambda piece: print(piece, end="", flush=True)})
+    r = engine.chat().run(tokens, args.max_new_tokens, request, lambda piece: print(piece, end="", flush=True))
     print()
     s = r.stats
     note = f" ({r.message})" if r.message else ""

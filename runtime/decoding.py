@@ -6,6 +6,10 @@ appends them, checks the stop conditions and either resumes or closes the genera
 KV may hold any text (another conversation's, a discarded turn); a mode first feeds whatever its
 models do not hold of `state.tokens` (`catch_up` compares token ids), so modes, turns, conversations
 and rollbacks compose without special cases.
+
+A mode reads two things besides the text: its user's settings (a frozen dataclass per mode, validated
+when built, runtime/modes.py) and a `DecodeContext`, what the engine measured or read from the bundle.
+The two never mix, so a misspelt setting is an error rather than an internal silently overridden.
 """
 
 from __future__ import annotations
@@ -13,11 +17,57 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edgespec.runtime.model import ModelRunner
+from edgespec.runtime.ngram import NgramModel
 from edgespec.runtime.sampling import SamplingParams, apply_repetition_penalty, process_logits, sample
+
+
+class ModeError(ValueError):
+    """The decoding mode is unknown or needs a model this bundle does not have."""
+
+
+def check_size(name: str, value: int | None, optional: bool = True) -> None:
+    """A size setting: an integer >= 0, or (`optional`) None, which leaves the size to the mode."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0{' (or None: adaptive)' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """This mode has no settings of its own."""
+
+
+@dataclass(frozen=True)
+class ArSettings:
+    """model: "target" (default) or "draft", the model that decodes."""
+
+    model: str = "target"
+
+    def __post_init__(self) -> None:
+        if self.model not in ("target", "draft"):
+            raise ValueError(f"model must be 'target' or 'draft', got {self.model!r}")
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What the engine hands a mode besides the user's settings: measured, or read from the bundle.
+
+    Cost curves are seconds per pass by rows (runtime/costs.py); `prior_alpha` is the draft's agreement
+    with the target measured at export (None: the sizing's own prior); `bundle_tau` is the EAD threshold
+    `edgespec calibrate-ead` stored.
+    """
+
+    target_cost_curve: dict[int, float] | None = None
+    draft_cost_curve: dict[int, float] | None = None
+    ngram_model: NgramModel | None = None
+    prior_alpha: float | None = None
+    bundle_tau: float | None = None
 
 
 @dataclass
@@ -27,7 +77,8 @@ class DecodeState:
     tokens: list[int]
     params: SamplingParams
     rng: np.random.Generator
-    options: dict = field(default_factory=dict)
+    settings: Any = field(default_factory=NoSettings)  # the mode's settings dataclass
+    context: DecodeContext = field(default_factory=DecodeContext)
     stats: dict = field(default_factory=dict)
     prefilled: int = 0  # tokens fed to the target to catch up before the first new token
     end: int = 0  # committed length at which decoding stops (prompt + max_new_tokens, at most the context)
@@ -73,12 +124,10 @@ def next_logits(runner: ModelRunner, tokens: list[int]) -> np.ndarray:
 def decode_ar(state: DecodeState) -> Iterator[list[int]]:
     """Plain autoregressive decoding: one pass per token (the baseline). `model="draft"` decodes with the draft."""
     target = state.target
-    if state.options.get("model", "target") == "draft":
+    if state.settings.model == "draft":
         if state.draft is None:
-            raise ValueError('model="draft" needs a bundle with a draft model')
+            raise ModeError('model="draft" needs a bundle with a draft model')
         target = state.draft
-    elif state.options.get("model", "target") != "target":
-        raise ValueError(f"model must be 'target' or 'draft', got {state.options['model']!r}")
     t0 = time.perf_counter()
     fed = target.stats.tokens
     logits = next_logits(target, state.tokens)

@@ -23,26 +23,50 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 
-from edgespec.runtime.decoding import DecodeState, next_logits
+from edgespec.runtime.decoding import DecodeState, check_size, next_logits
 from edgespec.runtime.sampling import entropy_bits
 from edgespec.runtime.speculative import require_draft
-from edgespec.runtime.staged import StagedStep
+from edgespec.runtime.staged import StagedSettings, StagedStep
 
 DEFAULT_TAU = 2.5
-DEFAULT_WINDOW = 5
-DEFAULT_MIN_SPAN = 10
+
+
+@dataclass(frozen=True)
+class EadSettings:
+    """tau: the entropy threshold in bits (default: the bundle's calibrated one, else 2.5); window: tokens
+    in the rolling mean of entropy; min_span: tokens a model keeps control for after a switch."""
+
+    tau: float | None = None
+    window: int = 5
+    min_span: int = 10
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, Real)
+                                     or math.isnan(self.tau)):
+            raise ValueError(f"tau must be a number of bits, got {self.tau!r}")
+        check_size("min_span", self.min_span, optional=False)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+
+@dataclass(frozen=True)
+class EadSpecSettings(EadSettings, StagedSettings):
+    """`ead`'s settings, and `staged`'s for the large model's stretches."""
+
+    def __post_init__(self) -> None:
+        EadSettings.__post_init__(self)
+        StagedSettings.__post_init__(self)
 
 
 class EadController:
     """The switching rule and its log, independent of how each model produces tokens."""
 
     def __init__(self, tau: float, window: int, min_span: int, stats: dict, params_ratio: float):
-        if window < 1 or min_span < 0 or math.isnan(tau):
-            raise ValueError(f"EAD needs window >= 1, min_span >= 0 and a numeric tau "
-                             f"(got {window}, {min_span}, {tau})")
         self.tau, self.min_span = tau, min_span
         self.entropies: deque[float] = deque(maxlen=window)
         self.active = "small"
@@ -112,11 +136,10 @@ def add_ar_ratio(stats: dict, decode_seconds: float | None, tokens: int, target_
 
 def _controller(state: DecodeState) -> EadController:
     small = require_draft(state, "ead")
-    opts = state.options
+    settings = state.settings
     ratio = small.info.spec.get("param_count", 1) / max(state.target.info.spec.get("param_count", 1), 1)
-    tau = float(opts.get("tau", opts.get("bundle_tau", DEFAULT_TAU)))
-    return EadController(tau, int(opts.get("window", DEFAULT_WINDOW)), int(opts.get("min_span", DEFAULT_MIN_SPAN)),
-                         state.stats, ratio)
+    tau = next(t for t in (settings.tau, state.context.bundle_tau, DEFAULT_TAU) if t is not None)
+    return EadController(float(tau), settings.window, settings.min_span, state.stats, ratio)
 
 
 def _catch_up_counted(ctl: EadController, state: DecodeState, runner, tokens: list[int]) -> np.ndarray:

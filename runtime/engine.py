@@ -13,37 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.runtime.bundle import BundleError, Manifest, load_manifest
-from edgespec.runtime.decoding import DecodeState, decode_ar
+from edgespec.runtime.decoding import DecodeContext, DecodeState, ModeError
+from edgespec.runtime.ead import add_ar_ratio
 from edgespec.runtime.machine import cpu_tag
 from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
-from edgespec.runtime.sampling import SamplingParams
-from edgespec.runtime.text import BundleTokenizer
+from edgespec.runtime.modes import MODES, Mode, Request, get_mode, make_request, register_mode
+from edgespec.runtime.text import BundleTokenizer, TextOut
+
+__all__ = ["MODES", "ChatSession", "Engine", "GenerationResult", "ModeError", "PromptError", "register_mode"]
 
 log = logging.getLogger("edgespec.runtime")
-
-MODES: dict[str, Callable] = {"ar": decode_ar}
-
-
-def _register_builtin_modes() -> None:
-    from edgespec.runtime.ead import decode_ead, decode_ead_spec
-    from edgespec.runtime.speculative import decode_spec
-    from edgespec.runtime.staged import decode_ngram, decode_staged
-
-    MODES.update({"spec": decode_spec, "staged": decode_staged, "ngram": decode_ngram, "ead": decode_ead,
-                  "ead-spec": decode_ead_spec})
-
-
-SPECULATIVE_MODES = ("spec", "staged", "ngram", "ead-spec")
-DRAFTED_MODES = ("spec", "staged", "ead-spec")  # modes whose proposals come from the draft model
-COSTED_MODES = SPECULATIVE_MODES + ("ead",)  # modes that read the measured pass costs (`ead`: its ratio to `ar`)
 
 
 class PromptError(ValueError):
     """The prompt is empty or does not fit in the bundle's context."""
-
-
-class ModeError(ValueError):
-    """The decoding mode is unknown or needs a model this bundle does not have."""
 
 
 @dataclass
@@ -53,11 +36,6 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens or context full)
     stats: dict = field(default_factory=dict)
     message: str = ""  # why generation ended early, when it is worth telling a user
-
-
-def register_mode(name: str, fn: Callable) -> None:
-    """Modes (spec, staged, ngram, ead, ...) register their generator here."""
-    MODES[name] = fn
 
 
 class Engine:
@@ -87,6 +65,9 @@ class Engine:
         self.target_pass_size_invariant = all(g.pass_size_invariant for g in manifest.target.graphs.values())
         self.pass_check: dict | None = None  # this machine's verdict on that (runtime/selfcheck.py)
         self.lock = threading.RLock()  # held by each generation: the runners' buffers are shared
+        measured = manifest.raw["models"].get("draft", {}).get("measured", {})
+        self.draft_agreement: float | None = measured.get("agreement")  # seeds the drafted modes' sizing
+        self.bundle_tau: float | None = manifest.raw.get("runtime", {}).get("ead", {}).get("tau")
 
     @classmethod
     def load(cls, bundle: str | Path, device: str | dict = "auto", threads: int | None = None,
@@ -124,23 +105,23 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: list[str] | tuple[str, ...] = (), **mode_options) -> GenerationResult:
-        """Generate a completion; `prompt` may be a string or a list of chat messages."""
-        session = ChatSession(self)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
-        tokens = self.prompt_tokens(prompt, chat)
-        return session.run(tokens, max_new_tokens, mode, params, mode_options)
+                 **settings) -> GenerationResult:
+        """Generate a completion; `prompt` may be a string or a list of chat messages.
+
+        `settings` are the sampling parameters (temperature=0: greedy, top_k, top_p, repetition_penalty,
+        seed, stop) and the mode's own settings (runtime/modes.py, e.g. `depth=4` for staged); any other
+        name is an error that lists the valid ones.
+        """
+        request = make_request(mode, settings)
+        return ChatSession(self).run(self.prompt_tokens(prompt, chat), max_new_tokens, request)
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
-               **kwargs) -> Iterator[str]:
-        """Yield text pieces as they are decoded; each piece is complete UTF-8 text."""
+               **settings) -> Iterator[str]:
+        """Yield text pieces as they are decoded; each piece is complete UTF-8 text. Holds the engine's lock
+        from the first piece until the stream is exhausted or closed."""
         pieces: list[str] = []
-        params = _sampling_params(kwargs)
-        session = ChatSession(self)
-        gen = session.iterate(self.prompt_tokens(prompt, chat), max_new_tokens, mode, params,
-                              {**kwargs, "on_text": pieces.append})
+        request = make_request(mode, settings)
+        gen = ChatSession(self).iterate(self.prompt_tokens(prompt, chat), max_new_tokens, request, pieces.append)
         try:
             for _ in gen:
                 yield from pieces
@@ -193,13 +174,24 @@ class Engine:
         digest = self.manifest.files.get(next(iter(info.graphs.values())).file, "")[:12]
         return f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}-cpu{cpu_tag()}"
 
+    def decode_context(self, mode: Mode) -> DecodeContext:
+        """What `mode` reads besides its settings: measured pass costs (measured once, before a generation,
+        since measuring overwrites the KV), the bundle's n-gram table, the draft's agreement, the EAD tau."""
+        if mode.costed and not self.cost_curves:
+            self.cost_curves = self.measure_costs()
+        return DecodeContext(target_cost_curve=self.cost_curves.get("target"),
+                             draft_cost_curve=self.cost_curves.get("draft"), ngram_model=self.ngram_model,
+                             prior_alpha=self.draft_agreement if mode.drafted else None, bundle_tau=self.bundle_tau)
+
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""
         return ChatSession(self)
 
 
 class ChatSession:
-    """Committed tokens plus the models' KV; each turn feeds only what the models have not seen."""
+    """One conversation: its messages and committed tokens. The KV buffers are the engine's; a generation
+    keeps what they hold of this conversation's text and feeds the rest (another conversation may have
+    used them in between)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -207,167 +199,151 @@ class ChatSession:
         self.messages: list[dict] = []
         self.last_result: GenerationResult | None = None
 
-    def send(self, content: str, max_new_tokens: int = 256, mode: str = "ar", **kwargs) -> GenerationResult:
-        """Add a user turn, generate the assistant turn, and keep both in the history."""
+    def send(self, content: str, max_new_tokens: int = 256, mode: str = "ar", **settings) -> GenerationResult:
+        """Add a user turn, generate the assistant turn, and keep both in the history (`settings`: as for
+        `Engine.generate`)."""
         if not content.strip():
             raise PromptError("the message is empty")
-        params = _sampling_params(kwargs)
+        request = make_request(mode, settings)
         messages = self.messages + [{"role": "user", "content": content}]
         tokens = self.engine.tokenizer.encode(self.engine.tokenizer.render_chat(messages))
-        result = self.run(tokens, max_new_tokens, mode, params, kwargs)
+        result = self.run(tokens, max_new_tokens, request)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         return result
 
-    def run(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
-            options: dict) -> GenerationResult:
-        for _ in self.iterate(tokens, max_new_tokens, mode, params, options):
+    def run(self, tokens: list[int], max_new_tokens: int, request: Request,
+            on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        for _ in self.iterate(tokens, max_new_tokens, request, on_text):
             pass
         assert self.last_result is not None
         return self.last_result
 
-    def iterate(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
-                options: dict) -> Iterator[None]:
-        """`_iterate` holding the engine's lock (released when the generator ends or is closed)."""
-        with self.engine.lock:
-            yield from self._iterate(tokens, max_new_tokens, mode, params, options)
-
-    def _iterate(self, tokens: list[int], max_new_tokens: int, mode: str, params: SamplingParams,
-                 options: dict) -> Iterator[None]:
-        """The decode loop: run the mode, commit its tokens, stop on EOS / stop string / length."""
+    def iterate(self, tokens: list[int], max_new_tokens: int, request: Request,
+                on_text: Callable[[str], None] | None = None) -> Iterator[None]:
+        """The decode loop: prefill and step the mode, commit its tokens, stop on EOS, a stop string, length
+        or a full context; yields after each step (text so far to `on_text`), the result in `last_result`.
+        Holds the engine's lock until it ends or is closed."""
         engine = self.engine
-        if len(MODES) == 1:
-            _register_builtin_modes()
-        if mode not in MODES:
-            raise ModeError(f"unknown mode {mode!r}; available: {', '.join(sorted(MODES))}")
-        if mode in SPECULATIVE_MODES and not engine.target_pass_size_invariant:
-            raise ModeError(f'mode="{mode}" needs a target whose logits do not depend on pass size; this bundle '
-                            'was exported with --ar-only (plain decoding only). Use mode="ar" or re-export '
-                            'without --ar-only')
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not tokens:
-            raise PromptError("the prompt encodes to no tokens")
-        if len(tokens) >= engine.max_context:
-            raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
-                              f"{engine.max_context} (prompt plus at least one new token)")
-        on_text = options.pop("on_text", None)
-        if engine.target_pass_size_invariant:
-            check = engine.check_pass_sizes()
-            if mode in SPECULATIVE_MODES and check["max_rows"] < 2 and engine.target.fused:
-                raise ModeError(f'mode="{mode}" cannot reproduce mode="ar" on this machine: onnxruntime computes '
-                                f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
-                                'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
-        if mode in COSTED_MODES and not engine.cost_curves:
-            engine.cost_curves = engine.measure_costs()
-        reused = _common_prefix(self.tokens, tokens)  # of this conversation's text (its KV may be gone)
-        self.tokens = list(tokens)
-        for runner in (engine.target, engine.draft):  # keep what a buffer holds of this text, free the rest
-            if runner is not None:
-                runner.rollback(runner.common_prefix(self.tokens))
-        bundle_tau = engine.manifest.raw.get("runtime", {}).get("ead", {}).get("tau")
-        if bundle_tau is not None:
-            options.setdefault("bundle_tau", bundle_tau)
-        options.setdefault("ngram_model", engine.ngram_model)
-        measured = engine.manifest.raw["models"].get("draft", {}).get("measured", {})
-        if mode in DRAFTED_MODES and "agreement" in measured:
-            options.setdefault("prior_alpha", measured["agreement"])  # export-time agreement seeds the adaptive size
-        for role, curve in engine.cost_curves.items():
-            options.setdefault(f"{role}_cost_curve", curve)
-        state = DecodeState(target=engine.target, draft=engine.draft, tokens=self.tokens, params=params,
-                            rng=np.random.default_rng(params.seed), options=options,
-                            end=min(len(self.tokens) + max_new_tokens, engine.max_context))
-        eos = set(engine.tokenizer.eos_token_ids)
-        stream, tokenizer = engine.tokenizer.stream(), engine.tokenizer.tokenizer
-        # Text is read while decoding only to stream it or to find a stop string; otherwise the tokens are
-        # detokenized after the loop. A streaming step costs ~25 us right after a pass (cold caches), ~0.5 us there.
-        live = on_text is not None or any(params.stop)
-        text, emitted = "", 0
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        new_ids: list[int] = []
-        finish, message = "length", ""
-        target_before = engine.target.stats.passes
-        draft_before = engine.draft.stats.passes if engine.draft is not None else 0
-        t_start = time.perf_counter()
-        t_first = None
-        first_tokens = None  # tokens the first chunk committed: a speculative mode's first step may commit several
-        gen = MODES[mode](state)
-        try:
-            while finish == "length" and len(new_ids) < max_new_tokens:
-                try:
-                    chunk = next(gen)
-                except ContextFullError:
-                    message = f"context full: the bundle holds {engine.max_context} tokens"
-                    break
-                if t_first is None:
-                    t_first = time.perf_counter()
-                for tok in chunk:
-                    if len(self.tokens) >= engine.max_context:  # every mode stops where `ar` must
-                        message = f"context full: the bundle holds {engine.max_context} tokens"
+        with engine.lock:
+            mode = prepare(engine, request.mode, tokens, max_new_tokens)
+            reused = _common_prefix(self.tokens, tokens)  # of this conversation's text (its KV may be gone)
+            self.tokens = list(tokens)
+            for runner in (engine.target, engine.draft):  # keep what a buffer holds of this text, free the rest
+                if runner is not None:
+                    runner.rollback(runner.common_prefix(self.tokens))
+            state = DecodeState(engine.target, engine.draft, self.tokens, request.params,
+                                np.random.default_rng(request.params.seed), request.settings,
+                                engine.decode_context(mode), end=min(len(tokens) + max_new_tokens, engine.max_context))
+            text, clock = TextOut(engine.tokenizer, request.params.stop, on_text), Clock(engine)
+            new_ids: list[int] = []
+            finish, message = "length", ""
+            gen = mode.decode(state)
+            try:
+                while finish == "length" and not message and len(new_ids) < max_new_tokens:
+                    try:
+                        chunk = next(gen)
+                    except ContextFullError:
+                        message = _context_full(engine)
                         break
-                    new_ids.append(tok)
-                    self.tokens.append(tok)
-                    if tok in eos:
-                        finish = "stop"
-                        break
-                    if live:
-                        checked = len(text)
-                        text += stream.step(tokenizer, tok) or ""
-                        hit = _find_stop(text, params.stop, checked)
-                        if hit is not None:
-                            text, finish = text[:hit], "stop"
-                            break
-                    if len(new_ids) >= max_new_tokens:
-                        break
-                if first_tokens is None:
-                    first_tokens = len(new_ids)
-                if message:
-                    break
-                if on_text is not None:
-                    safe = len(text) if finish == "stop" else max(emitted, len(text) - holdback)
-                    if safe > emitted:
-                        on_text(text[emitted:safe])
-                        emitted = safe
-                yield None
-            if finish == "length" and not message and len(self.tokens) >= engine.max_context:
-                message = f"context full: the bundle holds {engine.max_context} tokens"
-        finally:
-            gen.close()
-        if not live:  # an EOS token is never detokenized (it can only be the last one)
-            text = "".join(stream.step(tokenizer, tok) or "" for tok in new_ids if tok not in eos)
-        if on_text is not None and len(text) > emitted:
-            on_text(text[emitted:])
-        elapsed = time.perf_counter() - t_start
-        stats = dict(state.stats)
-        n = len(new_ids)
-        decode_time = elapsed - ((t_first - t_start) if t_first else 0.0)
-        stats.update({
-            "mode": mode, "prompt_tokens": len(tokens), "reused_tokens": reused, "prefill_tokens": state.prefilled,
-            "new_tokens": n, "seconds": elapsed,
-            "time_to_first_token": (t_first - t_start) if t_first else None, "first_chunk_tokens": first_tokens,
-            "tokens_per_second": n / elapsed if elapsed > 0 else 0.0,
-            "decode_tokens_per_second": ((n - first_tokens) / decode_time
-                                         if first_tokens is not None and n > first_tokens and decode_time > 0
-                                         else None),
-            "target_passes": engine.target.stats.passes - target_before,
-            "draft_passes": (engine.draft.stats.passes - draft_before) if engine.draft is not None else 0,
-            "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
-            "peak_rss_bytes": _peak_rss(),
-        })
-        if mode in SPECULATIVE_MODES and engine.pass_check is not None:  # False: equal to `ar` only up to rounding
-            stats["pass_size_invariant"] = not engine.pass_check["mismatched"]
-        if "ead" in stats:
-            from edgespec.runtime.ead import add_ar_ratio
+                    clock.stepped()
+                    finish, message = self._commit(chunk, new_ids, max_new_tokens, text)
+                    clock.committed(len(new_ids))
+                    if not message:
+                        text.emit(final=finish == "stop")
+                        yield None
+                if finish == "length" and not message and len(self.tokens) >= engine.max_context:
+                    message = _context_full(engine)
+            finally:
+                gen.close()
+            stats = generation_stats(engine, mode, request.mode, state, clock, reused, len(new_ids))
+            self.last_result = GenerationResult(text.finish(new_ids), new_ids, finish, stats, message)
 
-            add_ar_ratio(stats, decode_time if n > 1 else None, n - 1, engine.cost_curves.get("target"))
-        self.last_result = GenerationResult(text=text, token_ids=new_ids, finish_reason=finish, stats=stats,
-                                            message=message)
+    def _commit(self, chunk: list[int], new_ids: list[int], max_new_tokens: int, text: TextOut) -> tuple[str, str]:
+        """Append a step's tokens up to EOS, a stop string, `max_new_tokens` or a full context; returns the
+        finish reason so far and the message of a full context."""
+        eos = self.engine.tokenizer.eos_token_ids
+        for tok in chunk:
+            if len(self.tokens) >= self.engine.max_context:  # every mode stops where `ar` must
+                return "length", _context_full(self.engine)
+            new_ids.append(tok)
+            self.tokens.append(tok)
+            if tok in eos or text.add(tok):
+                return "stop", ""
+            if len(new_ids) >= max_new_tokens:
+                break
+        return "length", ""
 
 
-def _sampling_params(kwargs: dict) -> SamplingParams:
-    """Take the sampling settings out of keyword arguments (the rest are mode options)."""
-    return SamplingParams(temperature=kwargs.pop("temperature", 0.0), top_k=kwargs.pop("top_k", 0),
-                          top_p=kwargs.pop("top_p", 1.0), repetition_penalty=kwargs.pop("repetition_penalty", 1.0),
-                          seed=kwargs.pop("seed", None), stop=tuple(kwargs.pop("stop", ())))
+def prepare(engine: Engine, name: str, tokens: list[int], max_new_tokens: int) -> Mode:
+    """Check a generation against the bundle and this machine before anything runs; returns its mode."""
+    mode = get_mode(name)
+    if mode.lossless and not engine.target_pass_size_invariant:
+        raise ModeError(f'mode="{name}" needs a target whose logits do not depend on pass size; this bundle '
+                        'was exported with --ar-only (plain decoding only). Use mode="ar" or re-export '
+                        'without --ar-only')
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not tokens:
+        raise PromptError("the prompt encodes to no tokens")
+    if len(tokens) >= engine.max_context:
+        raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
+                          f"{engine.max_context} (prompt plus at least one new token)")
+    if engine.target_pass_size_invariant:
+        check = engine.check_pass_sizes()
+        if mode.lossless and check["max_rows"] < 2 and engine.target.fused:
+            raise ModeError(f'mode="{name}" cannot reproduce mode="ar" on this machine: onnxruntime computes '
+                            f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
+                            'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
+    return mode
+
+
+class Clock:
+    """When a generation started and returned its first step, and the models' pass counts before it."""
+
+    def __init__(self, engine: Engine):
+        self.target_passes = engine.target.stats.passes
+        self.draft_passes = engine.draft.stats.passes if engine.draft is not None else 0
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.first_tokens: int | None = None  # tokens the first step committed: a speculative one may commit several
+
+    def stepped(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def committed(self, tokens: int) -> None:
+        if self.first_tokens is None:
+            self.first_tokens = tokens
+
+
+def generation_stats(engine: Engine, mode: Mode, name: str, state: DecodeState, clock: Clock, reused: int,
+                     n: int) -> dict:
+    """The result's `stats`: the mode's own, then timings, pass counts and memory of this generation."""
+    elapsed = time.perf_counter() - clock.start
+    ttft = clock.first - clock.start if clock.first else None
+    decode_time = elapsed - (ttft or 0.0)
+    first = clock.first_tokens
+    stats = dict(state.stats)
+    stats.update({
+        "mode": name, "prompt_tokens": len(state.tokens) - n,
+        "reused_tokens": reused, "prefill_tokens": state.prefilled, "new_tokens": n, "seconds": elapsed,
+        "time_to_first_token": ttft, "first_chunk_tokens": first,
+        "tokens_per_second": n / elapsed if elapsed > 0 else 0.0,
+        "decode_tokens_per_second": ((n - first) / decode_time
+                                     if first is not None and n > first and decode_time > 0 else None),
+        "target_passes": engine.target.stats.passes - clock.target_passes,
+        "draft_passes": (engine.draft.stats.passes - clock.draft_passes) if engine.draft is not None else 0,
+        "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
+        "peak_rss_bytes": _peak_rss(),
+    })
+    if mode.lossless and engine.pass_check is not None:  # False: equal to `ar` only up to rounding
+        stats["pass_size_invariant"] = not engine.pass_check["mismatched"]
+    add_ar_ratio(stats, decode_time if n > 1 else None, n - 1, engine.cost_curves.get("target"))
+    return stats
+
+
+def _context_full(engine: Engine) -> str:
+    return f"context full: the bundle holds {engine.max_context} tokens"
 
 
 def _load_ngram(manifest: Manifest):
@@ -386,13 +362,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
-    """Where the first stop string in `text` begins; `text[:checked]` is known to hold none, so only
-    matches ending after it are looked for (a check per token stays short however long the text grows)."""
-    hits = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _peak_rss() -> int:

@@ -27,6 +27,10 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise SamplingError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)  # frozen: a list given by a caller becomes the tuple kept
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.decoding import DecodeState, ModeError, catch_up, check_size
 from edgespec.runtime.sampling import apply_repetition_penalty, process_logits, sample
 from edgespec.runtime.stats import SpecStats
 
 
+@dataclass(frozen=True)
+class SpecSettings:
+    """k: draft tokens per step (default: chosen each step from measured acceptance and pass costs)."""
+
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        check_size("k", self.k)
+
+
 def require_draft(state: DecodeState, mode: str):
     if state.draft is None:
-        from edgespec.runtime.engine import ModeError
-
         raise ModeError(f'mode="{mode}" needs a bundle with a draft model; this bundle has none. '
                         f'Use mode="ngram" (model-free speculation) or export with --draft / --derive-draft')
     return state.draft
@@ -68,7 +77,7 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
     target, draft = state.target, state.draft
     tokens = state.tokens
     catch_up(target, tokens, keep_last=1)
-    k_fixed = state.options.get("k")
+    k_fixed = state.settings.k
     k = int(k_fixed) if k_fixed is not None else stats.choose_k(target.capacity - 1, *_pass_seconds(state))
     k = max(0, min(k, target.capacity - 1, target.max_chunk - 1, draft.capacity - 1))
     t_draft = time.perf_counter()
@@ -107,7 +116,7 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
 
 def _pass_seconds(state: DecodeState) -> tuple[float | None, float | None]:
     """One-token pass seconds of the draft and the target, from the cached cost curves (deterministic)."""
-    draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
+    draft, target = state.context.draft_cost_curve, state.context.target_cost_curve
     return (draft[1] if draft else None), (target[1] if target else None)
 
 

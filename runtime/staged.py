@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from edgespec.runtime.accept import verify_chain_sampling, verify_deterministic
 from edgespec.runtime.costs import interpolate
-from edgespec.runtime.decoding import DecodeState, catch_up
+from edgespec.runtime.decoding import DecodeState, catch_up, check_size
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.sampling import sample
@@ -37,8 +38,35 @@ from edgespec.runtime.stats import SpecStats, expected_tokens
 from edgespec.runtime.tree import DraftTree
 
 
+@dataclass(frozen=True)
+class NgramSettings:
+    """k: tokens proposed per step (default: the proposal is cut where its tokens' sources stop paying)."""
+
+    k: int | None = None
+
+    def __post_init__(self) -> None:
+        check_size("k", self.k)
+
+
+@dataclass(frozen=True)
+class StagedSettings:
+    """depth: the draft's path tokens per step (default: chosen each step; 0: n-gram proposals only);
+    path_rule: with sampling, the path is the draft's "argmax", a "sample" from it, or ("auto") whichever the
+    target has accepted more of; ngram_width: n-gram alternatives beside the first guess in a draft tree."""
+
+    depth: int | None = None
+    path_rule: str = "auto"
+    ngram_width: int = 2
+
+    def __post_init__(self) -> None:
+        check_size("depth", self.depth)
+        check_size("ngram_width", self.ngram_width, optional=False)
+        if self.path_rule not in ("auto", "argmax", "sample"):
+            raise ValueError(f"path_rule must be 'auto', 'argmax' or 'sample', got {self.path_rule!r}")
+
+
 def _drafter(state: DecodeState) -> NgramDrafter:
-    return NgramDrafter(ContextLookup(state.tokens), state.options.get("ngram_model"))
+    return NgramDrafter(ContextLookup(state.tokens), state.context.ngram_model)
 
 
 def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[np.ndarray] | None = None,
@@ -67,7 +95,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[n
 def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
     """Model-free speculation: the n-gram drafter proposes straight to the target."""
     stats = SpecStats.attach(state)
-    direct = DirectNgram(state, stats, _drafter(state))
+    direct = DirectNgram(state, stats, _drafter(state), state.settings.k)
     prefill_target(state, stats)
     try:
         while True:
@@ -79,12 +107,12 @@ def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
 
 class DirectNgram:
     """The n-gram proposal verified by the target straight away, cut to the length its sources pay for
-    (runtime/ngram_sizing.py); a fixed `k` option proposes up to k tokens uncut, for experiments."""
+    (runtime/ngram_sizing.py); a `fixed` size proposes up to that many tokens uncut, for experiments."""
 
-    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
+    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter, fixed: int | None = None):
         self.state, self.stats, self.drafter = state, stats, drafter
         self.sizing = SourceAcceptance()
-        self.fixed = state.options.get("k")
+        self.fixed = fixed
 
     def propose(self, limit: int) -> tuple[list[int], list[str], float]:
         """Tokens, their sources, and the expected tokens per unit of target cost of verifying them."""
@@ -114,9 +142,7 @@ class ProposalRule:
     every verified position, whichever rule ran, so the path follows the better running sum. The choice
     reads past steps only, so each step stays exact."""
 
-    def __init__(self, fixed: str | None = None):
-        if fixed not in (None, "auto", "argmax", "sample"):
-            raise ValueError(f"path_rule must be 'auto', 'argmax' or 'sample', got {fixed!r}")
+    def __init__(self, fixed: str = "auto"):
         self.fixed = None if fixed == "auto" else fixed
         self.argmax = self.drawn = 0.0
 
@@ -138,9 +164,9 @@ class StagedDrafter:
 
     def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
         self.state, self.stats, self.drafter = state, stats, drafter
-        self.width = int(state.options.get("ngram_width", 2))
+        self.width = state.settings.ngram_width
         self.ngram_proposed = self.ngram_accepted = 0
-        self.curve = state.options.get("draft_cost_curve")
+        self.curve = state.context.draft_cost_curve
         self.tree_seconds = 0.0  # the draft's tree passes so far, priced by its cost curve
         self.catch_up_seconds = 0.0  # its catch-up passes, priced the same way
 
@@ -235,11 +261,11 @@ class StagedStep:
         self.drafter = _drafter(state)
         self.direct = DirectNgram(state, self.direct_stats, self.drafter)
         self.stage2 = StagedDrafter(state, self.stats, self.drafter)
-        self.fixed = state.options.get("depth", state.options.get("k"))
+        self.fixed = state.settings.depth
         self.draft_tokens = 0
         self.draft_passes_before = state.draft.stats.passes
         self.probes_skipped = 0
-        self.rule = ProposalRule(state.options.get("path_rule"))
+        self.rule = ProposalRule(state.settings.path_rule)
 
     def __call__(self) -> tuple[list[int], np.ndarray]:
         """Commit the next tokens; returns them and the target's logits for each."""
@@ -338,7 +364,7 @@ def _path_token_seconds(state: DecodeState, draft_seconds: float,
                         path_tokens: int) -> tuple[float | None, float | None]:
     """Draft seconds per path token (tree passes only: catch-ups are priced when pending) and target
     seconds per pass, by the cached cost curves. Curves, not clocks, keep the choice reproducible."""
-    draft, target = state.options.get("draft_cost_curve"), state.options.get("target_cost_curve")
+    draft, target = state.context.draft_cost_curve, state.context.target_cost_curve
     if not draft or not target:
         return None, None
     per_token = draft_seconds / path_tokens if path_tokens else interpolate(draft, 4)

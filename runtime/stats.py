@@ -48,12 +48,10 @@ class SpecStats:
 
     @staticmethod
     def attach(state) -> SpecStats:
-        stats = SpecStats(out=state.stats, prior_alpha=float(state.options.get("prior_alpha", 0.6)))
+        stats = SpecStats(out=state.stats, target_curve=state.context.target_cost_curve or None)
+        if state.context.prior_alpha is not None:
+            stats.prior_alpha = float(state.context.prior_alpha)
         state.stats["speculative"] = {}
-        state.spec_stats = stats
-        curve = state.options.get("target_cost_curve")
-        if curve:
-            stats.target_curve = curve
         return stats
 
     @property

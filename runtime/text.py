@@ -59,3 +59,51 @@ class BundleTokenizer:
     def stream(self) -> DecodeStream:
         """A streaming decoder that emits text only once a UTF-8 character is complete."""
         return DecodeStream(skip_special_tokens=True)
+
+
+class TextOut:
+    """The text of a generation's new tokens, its stop strings, and the pieces a stream has been given.
+
+    Text is detokenized while decoding only when it is streamed or searched for a stop string; otherwise
+    once, after the loop: a streaming step right after a pass runs on cold caches.
+    """
+
+    def __init__(self, tokenizer: BundleTokenizer, stop: tuple[str, ...], on_text=None):
+        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.decoder = tokenizer.stream()
+        self.live = on_text is not None or any(stop)
+        self.text, self.emitted = "", 0
+        self.holdback = max((len(s) for s in stop), default=1) - 1  # a stop string may still cut this much
+
+    def add(self, token: int) -> bool:
+        """Append a token's text (when live); True when a stop string appeared: the text ends before it."""
+        if not self.live:
+            return False
+        checked = len(self.text)
+        self.text += self.decoder.step(self.tokenizer.tokenizer, token) or ""
+        hit = find_stop(self.text, self.stop, checked)
+        if hit is not None:
+            self.text = self.text[:hit]
+        return hit is not None
+
+    def emit(self, final: bool = False) -> None:
+        """Hand the stream the text no stop string can still cut (all of it when `final`)."""
+        safe = len(self.text) if final else max(self.emitted, len(self.text) - self.holdback)
+        if self.on_text is not None and safe > self.emitted:
+            self.on_text(self.text[self.emitted:safe])
+            self.emitted = safe
+
+    def finish(self, new_ids: list[int]) -> str:
+        """The whole text; an end-of-sequence token is never detokenized (it can only be the last one)."""
+        if not self.live:
+            eos = set(self.tokenizer.eos_token_ids)
+            self.text = "".join(self.decoder.step(self.tokenizer.tokenizer, t) or "" for t in new_ids if t not in eos)
+        self.emit(final=True)
+        return self.text
+
+
+def find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
+    """Where the first stop string in `text` begins; `text[:checked]` is known to hold none, so only
+    matches ending after it are looked for (a check per token stays short however long the text grows)."""
+    hits = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

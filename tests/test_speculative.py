@@ -77,15 +77,15 @@ def test_ngram_mode_speeds_up_repetition(pair):
 
 def test_decode_speed_counts_the_tokens_after_a_multi_token_first_step(pair, monkeypatch):
     """A mode whose steps commit three tokens: decode tok/s leaves out all three of the first step's."""
-    from edgespec.runtime import engine as engine_module
-    from edgespec.runtime.decoding import decode_ar
+    from edgespec.runtime.decoding import ArSettings, decode_ar
+    from edgespec.runtime.modes import MODES, Mode
 
     def three_at_a_time(state):
         ar = decode_ar(state)
         while True:
             yield next(ar) + next(ar) + next(ar)
 
-    monkeypatch.setitem(engine_module.MODES, "three", three_at_a_time)
+    monkeypatch.setitem(MODES, "three", Mode(three_at_a_time, ArSettings))
     r = pair.generate("def f(x):", max_new_tokens=12, mode="three")
     assert r.token_ids == pair.generate("def f(x):", max_new_tokens=12).token_ids
     assert r.stats["first_chunk_tokens"] == 3
@@ -211,7 +211,7 @@ def test_ead_small_model_writes_only_tokens_it_is_sure_of(pair):
 def test_ead_spec_large_stretches_are_speculative(pair):
     """In `ead-spec` the large model's stretches run draft-then-verify steps, not one pass per token."""
     for prompt in PROMPTS:
-        r = pair.generate(prompt, max_new_tokens=40, mode="ead-spec", tau=0.0, k=3)
+        r = pair.generate(prompt, max_new_tokens=40, mode="ead-spec", tau=0.0, depth=3)
         spec = r.stats["speculative"]
         assert spec["steps"] > 0 and spec["drafted"] == 3 * spec["steps"]
         assert r.stats["target_passes"] == spec["steps"] + r.stats["ead"]["catch_up_passes"]
@@ -365,17 +365,16 @@ CHEAP_DRAFT = {1: 0.1, 4: 0.2, 32: 1.0}
 def _staged_step(pair, prompt_len: int, new_tokens: int, prior_alpha: float):
     import numpy as np
 
-    from edgespec.runtime.decoding import DecodeState
+    from edgespec.runtime.decoding import DecodeContext, DecodeState
     from edgespec.runtime.sampling import SamplingParams
-    from edgespec.runtime.staged import StagedStep
+    from edgespec.runtime.staged import StagedSettings, StagedStep
 
     pair.target.rollback(0)
     pair.draft.rollback(0)
     tokens = [3 + i % 7 for i in range(prompt_len)]
+    context = DecodeContext(prior_alpha=prior_alpha, draft_cost_curve=CHEAP_DRAFT, target_cost_curve=FLAT_TARGET)
     state = DecodeState(pair.target, pair.draft, tokens, SamplingParams(), np.random.default_rng(0),
-                        options={"prior_alpha": prior_alpha, "draft_cost_curve": CHEAP_DRAFT,
-                                 "target_cost_curve": FLAT_TARGET},
-                        end=prompt_len + new_tokens)
+                        StagedSettings(), context, end=prompt_len + new_tokens)
     return StagedStep(state)
 
 
@@ -405,13 +404,21 @@ def test_staged_probes_only_when_the_drafts_agreement_could_beat_the_direct_step
     assert good._path_pays(0.5, 1.0, 0.2, 1.0) and good.probes_skipped == 0
 
 
-def test_staged_drafts_from_the_first_step_only_with_a_draft_that_pays(pair):
+def _engine_measuring(bundle, agreement: float, draft_curve: dict[int, float]) -> Engine:
+    """An engine whose draft agreement (measured at export) and pass costs (measured here) are made up:
+    internals the engine hands its modes, which no generate() keyword can set."""
+    engine = Engine.load(bundle)
+    engine.draft_agreement = agreement
+    engine.cost_curves = {"target": FLAT_TARGET, "draft": draft_curve}
+    return engine
+
+
+def test_staged_drafts_from_the_first_step_only_with_a_draft_that_pays(pair, tiny_pair_bundle):
     prompt = "The quick brown fox"
     ar = pair.generate(prompt, max_new_tokens=32)
-    good = pair.generate(prompt, max_new_tokens=32, mode="staged", prior_alpha=0.95,
-                         draft_cost_curve=CHEAP_DRAFT, target_cost_curve=FLAT_TARGET)
-    weak = pair.generate(prompt, max_new_tokens=32, mode="staged", prior_alpha=0.05,
-                         draft_cost_curve={1: 0.9, 4: 1.2, 32: 6.0}, target_cost_curve=FLAT_TARGET)
+    good = _engine_measuring(tiny_pair_bundle, 0.95, CHEAP_DRAFT).generate(prompt, max_new_tokens=32, mode="staged")
+    weak = _engine_measuring(tiny_pair_bundle, 0.05, {1: 0.9, 4: 1.2, 32: 6.0}).generate(
+        prompt, max_new_tokens=32, mode="staged")
     assert good.token_ids == weak.token_ids == ar.token_ids
     assert good.stats["staged"]["draft_path_steps"] > 0 and good.stats["draft_passes"] > 0
     assert weak.stats["staged"]["draft_path_steps"] == 0 and weak.stats["draft_passes"] == 0
