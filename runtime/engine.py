@@ -219,9 +219,12 @@ class ChatSession:
         return self.last_result
 
     def iterate(self, tokens: list[int], max_new_tokens: int, request: Request,
-                on_text: Callable[[str], None] | None = None) -> Iterator[None]:
+                on_text: Callable[[str], None] | None = None,
+                on_step: Callable[[list[int], int, dict], None] | None = None) -> Iterator[None]:
         """The decode loop: prefill and step the mode, commit its tokens, stop on EOS, a stop string, length
         or a full context; yields after each step (text so far to `on_text`), the result in `last_result`.
+        `on_step` gets each step's whole chunk, how many of its tokens were committed and the mode's live stats
+        (runtime/origins.py reads from them which model wrote each token).
         Holds the engine's lock until it ends or is closed."""
         engine = self.engine
         with engine.lock:
@@ -246,8 +249,11 @@ class ChatSession:
                         message = _context_full(engine)
                         break
                     clock.stepped()
+                    before = len(new_ids)
                     finish, message = self._commit(chunk, new_ids, max_new_tokens, text)
                     clock.committed(len(new_ids))
+                    if on_step is not None:
+                        on_step(chunk, len(new_ids) - before, state.stats)
                     if not message:
                         text.emit(final=finish == "stop")
                         yield None
