@@ -1,15 +1,12 @@
-"""`edgespec devices [--json] [--bundle DIR]`: what onnxruntime offers here and where a bundle's graphs would run.
+"""What onnxruntime offers here and where a bundle's graphs would run (`edgespec devices`, runtime/cli.py).
 
 The answers come from the same `detect` and `plan` the runtime uses, so the report cannot drift
 from what `Engine.load` does; it shows the first candidate of each plan (before any session is
-tried: a provider may still fail at session creation and fall back further).
+tried: a provider may still fail at session creation and fall back further). The runtime imports
+this package, never the reverse: a bundle's manifest arrives loaded.
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-from pathlib import Path
 
 from edgespec.devices.detect import Available, detect
 from edgespec.devices.placement import bundle_variants, classes_served, plan, unusable_reason
@@ -19,7 +16,8 @@ REQUESTS = ("auto", *DEVICE_CLASSES)
 
 
 def describe(bundle_manifest=None, available: Available | None = None) -> dict:
-    """Providers, the device classes each serves, and for a bundle (Manifest or directory) each role's placement."""
+    """Providers, the device classes each serves, and for a bundle's manifest (runtime/bundle.py `Manifest`)
+    each role's placement."""
     available = available or detect()
     providers = []
     for name in available.providers:
@@ -36,10 +34,6 @@ def describe(bundle_manifest=None, available: Available | None = None) -> dict:
 
 
 def _bundle(manifest, available: Available) -> dict:
-    if isinstance(manifest, (str, Path)):
-        from edgespec.runtime.bundle import load_manifest
-
-        manifest = load_manifest(manifest, verify=False)
     variants = bundle_variants(manifest)
     models = {}
     for role, model in manifest.models.items():
@@ -79,19 +73,3 @@ def render_text(info: dict) -> str:
                 lines.append(f"    --device {request:<5} -> {p['key']} ({p['provider']}), "
                              f"{p['variant']} graph {', '.join(p['graphs'])}{note}")
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the `devices` subcommand on the `edgespec` parser; dispatch to `run`."""
-    p = subparsers.add_parser("devices", help="list execution providers and where a bundle's graphs would run")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--bundle", help="bundle directory: show which graph variant runs on which provider")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the report; a bad --bundle raises edgespec.runtime.bundle.BundleError for the CLI to report."""
-    info = describe(args.bundle)
-    print(json.dumps(info, indent=2) if args.json else render_text(info))
-    return 0

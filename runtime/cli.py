@@ -89,16 +89,34 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_devices(sub) -> None:
+    p = sub.add_parser("devices", help="list execution providers and where a bundle's graphs would run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--bundle", help="bundle directory: show which graph variant runs on which provider")
+    p.set_defaults(func=devices)
+
+
+def devices(args: argparse.Namespace) -> int:
+    """Print the device report (devices/report.py); a bad --bundle raises BundleError for `main` to report."""
+    from edgespec.devices.report import describe, render_text
+    from edgespec.runtime.bundle import load_manifest
+
+    info = describe(load_manifest(args.bundle, verify=False) if args.bundle else None)
+    print(json.dumps(info, indent=2) if args.json else render_text(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgespec", description="edgespec on-device LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    from edgespec.devices.report import add_parser as add_devices
-
-    add_devices(sub)
+    _add_devices(sub)
     from edgespec.runtime.calibrate import add_parser as add_calibrate
 
     add_calibrate(sub)
+    from edgespec.apps.desktop.commands import add_parsers as add_desktop  # serve, chat: FastAPI only when run
+
+    add_desktop(sub)
     return parser
 
 

@@ -31,7 +31,9 @@ from edgespec.devices.placement import (
     resolve_options,
 )
 from edgespec.devices.registry import ENTRIES, FUSED, REGISTRY, STATIC
-from edgespec.devices.report import describe, render_text, run
+from edgespec.devices.report import describe, render_text
+from edgespec.runtime.bundle import load_manifest
+from edgespec.runtime.cli import devices
 
 CPU = "CPUExecutionProvider"
 PLAIN = Available("1.32.0", ("AzureExecutionProvider", CPU), hardware={CPU: ("CPU",)})
@@ -266,7 +268,7 @@ def npu_bundle(tiny_dir, tmp_path_factory):
 
 
 def test_describe_a_fused_bundle_here(tiny_bundle):
-    info = describe(tiny_bundle)
+    info = describe(load_manifest(tiny_bundle, verify=False))
     assert json.loads(json.dumps(info)) == info
     cpu = next(p for p in info["providers"] if p["name"] == CPU)
     assert cpu["serves"] == ["default-cpu"] and "CPU" in cpu["hardware"]
@@ -281,7 +283,7 @@ def test_describe_a_fused_bundle_here(tiny_bundle):
 
 
 def test_describe_a_static_bundle_on_a_phone(npu_bundle):
-    info = describe(npu_bundle, PHONE_QNN)
+    info = describe(load_manifest(npu_bundle, verify=False), PHONE_QNN)
     placement = info["bundle"]["models"]["target"]["placement"]
     assert placement["npu"] == {**placement["npu"], "key": "qnn-htp", "variant": STATIC,
                                 "graphs": ["static-1", "static-4"], "fallback": False}
@@ -290,7 +292,7 @@ def test_describe_a_static_bundle_on_a_phone(npu_bundle):
 
 
 def test_cli_json(tiny_bundle, capsys):
-    assert run(argparse.Namespace(json=True, bundle=str(tiny_bundle))) == 0
+    assert devices(argparse.Namespace(json=True, bundle=str(tiny_bundle))) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["onnxruntime"] == ort.__version__ and "target" in info["bundle"]["models"]
 
