@@ -1,0 +1,1 @@
+"""Sample applications built on the runtime: `desktop` (the local server, the chat page, the terminal chat)."""
