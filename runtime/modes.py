@@ -57,14 +57,14 @@ def register_mode(name: str, decode: Callable[[DecodeState], Iterator[list[int]]
     MODES[name] = Mode(decode, settings, help, **flags)
 
 
-def setting_names(mode: str) -> list[str]:
-    return [f.name for f in fields(get_mode(mode).settings)]
-
-
 def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise ModeError(f"unknown mode {name!r}; available: {', '.join(sorted(MODES))}")
     return MODES[name]
+
+
+def setting_names(mode: str) -> list[str]:
+    return [f.name for f in fields(get_mode(mode).settings)]
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,20 @@ def make_request(mode: str, kwargs: dict[str, Any]) -> Request:
     names = setting_names(mode)
     unknown = sorted(set(kwargs) - set(names) - set(SAMPLING))
     if unknown:
-        hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, names + list(SAMPLING), 1))
-                 else "" for u in unknown]
-        raise SettingError(f"unknown setting{'s' if len(unknown) > 1 else ''} "
-                           f"{', '.join(repr(u) + h for u, h in zip(unknown, hints, strict=True))} for mode={mode!r}; "
-                           f"its settings: {', '.join(names) or 'none'}; sampling: {', '.join(SAMPLING)}")
+        raise SettingError(f"unknown setting{'s' if len(unknown) > 1 else ''} {_with_hints(unknown, names)} "
+                           f"for mode={mode!r}; its settings: {', '.join(names) or 'none'}; "
+                           f"sampling: {', '.join(SAMPLING)}")
     params = SamplingParams(**{k: v for k, v in kwargs.items() if k in SAMPLING})
     return Request(mode, params, MODES[mode].settings(**{k: v for k, v in kwargs.items() if k in names}))
+
+
+def _with_hints(unknown: list[str], names: list[str]) -> str:
+    """The unknown names, each with the closest valid one when a typo is likely."""
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names + list(SAMPLING), 1)
+        parts.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(parts)
 
 
 def parse_setting(mode: str, name: str, text: str) -> Any:
