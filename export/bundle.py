@@ -152,6 +152,11 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
     rope = loaded.rope(options.max_context)
     tie = options.quant == "fp32" or options.quant == "fp16"
     entry: dict = {"source": loaded.source, "spec": loaded.spec.to_json(), "graphs": {}, "quantization": {}}
+    notes = sorted({table.note for table in rope.values() if table.note})
+    if notes:  # a choice the fixed buffer forced (longrope's factor set)
+        entry["rope_notes"] = notes
+        for note in notes:
+            options.log(f"{role}: {note}")
     (root / role).mkdir(parents=True, exist_ok=True)
     if loaded.head_ids is not None:
         np.save(root / role / "head_ids.npy", loaded.head_ids.astype(np.int64))

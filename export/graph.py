@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgespec.export.spec import ModelSpec, RopeTable
+from edgespec.export.rope import RopeTable, rotary_order
+from edgespec.export.spec import ModelSpec
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -55,16 +56,16 @@ def kv_input_names(num_layers: int) -> list[str]:
     return [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTable,
+def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[str, RopeTable],
                   max_context: int, variant: str = "fused", chunk: int | None = None,
                   tie_lm_head: bool = False, attention_rows: int = 1, tree_mask: bool = True) -> onnx.ModelProto:
     """Return the fp32 decoder graph.
 
-    `chunk` fixes the number of new tokens per pass (required for ``static``; ``None`` keeps
-    it dynamic). `tie_lm_head` reads the LM head from the embedding table through a Gemm with
-    transB, so an unquantized bundle stores the 49k x H matrix once; quantized bundles keep a
-    separate MatMul the weight-only quantizer can convert. `attention_rows` (fused only) pads
-    the chunk to at least that many rows inside attention alone (see `_attention_padding`).
+    `rope` holds the tables `spec.layer_rope` names (`ModelSpec.rope_tables`). `chunk` fixes the number of new
+    tokens per pass (required for ``static``; ``None`` keeps it dynamic). `tie_lm_head` reads the LM head from
+    the embedding table through a Gemm with transB, so an unquantized bundle stores the 49k x H matrix once;
+    quantized bundles keep a separate MatMul the weight-only quantizer can convert. `attention_rows` (fused only)
+    pads the chunk to at least that many rows inside attention alone (see `_attention_padding`).
     Without `tree_mask` (fused only) attention is causal and ignores `attention_mask`: it skips
     building and adding the bias (0.5 ms of a 7.5 ms int4 pass of SmolLM2-135M), for chain-only graphs.
     A fused graph computes logits for rows `logits_from`.. of the chunk only: the LM head is a fifth of
@@ -80,8 +81,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
         raise ValueError("only the fused variant can drop the tree mask")
     g = _Graph()
     S = chunk if chunk is not None else "chunk"
-    H, D = spec.hidden_size, spec.head_dim
-    nkv = spec.num_kv_heads
+    nkv, D = spec.num_kv_heads, spec.head_dim
     kv_shape = [1, nkv, max_context, D]
 
     inputs = [
@@ -101,71 +101,22 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
 
     g.const("embed_tokens.weight", weights["embed_tokens"].astype(np.float32))
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], name="embed_tokens")
-
-    if variant == "fused":
-        g.op("Shape", ["input_ids"], outputs=["chunk_len"], start=1, end=2)
-        mask, positions, rows, qkv_pads = _attention_padding(g, attention_rows)
-        bias = _fused_attention_bias(g, mask) if tree_mask else ""
-        g.const("rope.cos", rope.cos)
-        g.const("rope.sin", rope.sin)
-
-        g.op("Cast", ["past_length"], outputs=["past_length_i32"], to=TensorProto.INT32)
-        total = g.op("Add", ["past_length", rows], name="total_len")
-        g.op("Cast", [total], outputs=["total_i32_1d"], to=TensorProto.INT32)
-        g.op("Sub", ["total_i32_1d", g.const("one_i32", np.array([1], np.int32))],
-             outputs=["seqlens_k"])
-        g.op("Squeeze", ["total_i32_1d"], outputs=["total_len_scalar"])
-    else:
-        bias = _static_attention_bias(g, max_context, chunk)
-        full_cos = np.concatenate([rope.cos, rope.cos], axis=1)
-        full_sin = np.concatenate([rope.sin, rope.sin], axis=1)
-        g.const("rope.cos_full", full_cos)
-        g.const("rope.sin_full", full_sin)
-        cos = g.op("Gather", ["rope.cos_full", "position_ids"], name="rope_cos")  # [1,S,D]
-        sin = g.op("Gather", ["rope.sin_full", "position_ids"], name="rope_sin")
-        g.const("shape_cos", np.array([1, 1, chunk, D], np.int64))
-        cos = g.op("Reshape", [cos, "shape_cos"], name="rope_cos_4d")
-        sin = g.op("Reshape", [sin, "shape_cos"], name="rope_sin_4d")
+    if spec.embedding_scale != 1.0:  # Gemma: after the lookup, so a tied head reads the unscaled table
+        x = g.op("Mul", [x, g.const("embedding_scale", np.array(spec.embedding_scale, np.float32))],
+                 name="embedding_scaled")
+    ctx = _fused_context(g, spec, rope, attention_rows, tree_mask, max_context) if variant == "fused" else \
+        _static_context(g, spec, rope, max_context, chunk)
 
     residual = None
-    h = None
     for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        norm_w = g.const(p + "input_norm.weight", weights[p + "input_norm"].astype(np.float32))
-        h, residual = _rms_norm(g, variant, x, residual, norm_w, spec.rms_norm_eps, p + "input_norm")
-        qkv_w = np.concatenate([weights[p + "q_proj"], weights[p + "k_proj"], weights[p + "v_proj"]], 0)
-        qkv = _linear(g, h, qkv_w, p + "qkv_proj")
-        if spec.attention_bias:
-            qkv_b = np.concatenate([weights[p + "q_bias"], weights[p + "k_bias"], weights[p + "v_bias"]])
-            qkv = g.op("Add", [qkv, g.const(p + "qkv_proj.bias", qkv_b.astype(np.float32))])
-        if variant == "fused":
-            attn = _fused_attention(g, spec, i, qkv, bias, positions, qkv_pads)
-        else:
-            q, k, v = _split_qkv(g, spec, qkv, p)
-            attn = _static_attention(g, spec, i, q, k, v, bias, cos, sin, chunk)
-        o = _linear(g, attn, weights[p + "o_proj"], p + "o_proj")
-        norm_w = g.const(p + "post_attention_norm.weight", weights[p + "post_attention_norm"].astype(np.float32))
-        h, residual = _rms_norm(g, variant, o, residual, norm_w, spec.rms_norm_eps, p + "post_attention_norm")
-        gate_up = _linear(g, h, np.concatenate([weights[p + "gate_proj"], weights[p + "up_proj"]], 0),
-                          p + "gate_up_proj")
-        inter = spec.intermediate_size
-        gate, up = g.op("Split", [gate_up, g.const(p + "gate_up_split", np.array([inter, inter], np.int64))],
-                        n_out=2, name=p + "gate_up_split_node", axis=-1)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], name=p + "swiglu")
-        x = _linear(g, act, weights[p + "down_proj"], p + "down_proj")
+        x, residual = _decoder_layer(g, spec, weights, i, variant, ctx, x, residual)
 
     norm_w = g.const("final_norm.weight", weights["final_norm"].astype(np.float32))
     h, _ = _rms_norm(g, variant, x, residual, norm_w, spec.rms_norm_eps, "final_norm")
     if variant == "fused":  # the LM head runs on rows logits_from.. only: a prefill chunk needs its last row's
         h = g.op("Slice", [h, "logits_from", "chunk_len", g.const("logits_axis", np.array([1], np.int64))],
                  name="logits_rows")
-    if tie_lm_head and spec.tie_word_embeddings and head_rows == spec.vocab_size:
-        flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, H], np.int64))])
-        logits2d = g.op("Gemm", [flat, "embed_tokens.weight"], name="lm_head", transB=1)
-        g.op("Reshape", [logits2d, g.const("logits_shape", np.array([1, -1, spec.vocab_size], np.int64))],
-             outputs=["logits"])
-    else:
-        _linear(g, h, weights["lm_head"], "lm_head", output="logits")
+    _lm_head(g, spec, weights, h, tie_lm_head and spec.tie_word_embeddings and head_rows == spec.vocab_size)
 
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
@@ -179,6 +130,189 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: RopeTab
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgespec")
     model.ir_version = 8
     return model
+
+
+@dataclass
+class _AttentionContext:
+    """What every layer's attention reads: biases by window size, RoPE inputs by name, padding."""
+
+    biases: dict[int, str]  # window (0: none) -> bias tensor; empty for a causal fused graph
+    cos: dict[str, str]
+    sin: dict[str, str]
+    windows: list[int]  # per layer, 0 where the window is absent or covers the whole buffer
+    positions: str = "position_ids"
+    qkv_pads: str | None = None
+    chunk: int | None = None
+    causal: bool = False  # fused without a tree mask: GroupQueryAttention applies windows itself
+
+
+def _effective_windows(spec: ModelSpec, max_context: int) -> list[int]:
+    """A window at least as long as the buffer never hides a slot: such layers attend to everything."""
+    windows = spec.layer_windows or [0] * spec.num_layers
+    return [w if 0 < w < max_context else 0 for w in windows]
+
+
+def _rope_const_names(name: str) -> tuple[str, str]:
+    prefix = "rope." if name == "default" else f"rope.{name}."
+    return prefix + "cos", prefix + "sin"
+
+
+def _fused_context(g: _Graph, spec: ModelSpec, rope: dict[str, RopeTable], attention_rows: int,
+                   tree_mask: bool, max_context: int) -> _AttentionContext:
+    g.op("Shape", ["input_ids"], outputs=["chunk_len"], start=1, end=2)
+    mask, positions, rows, qkv_pads = _attention_padding(g, attention_rows)
+    windows = _effective_windows(spec, max_context)
+    biases = {}
+    if tree_mask:
+        biases = {w: _fused_window_bias(g, mask, positions, w) if w else _fused_attention_bias(g, mask)
+                  for w in sorted(set(windows))}
+    cos, sin = {}, {}
+    for name, table in rope.items():
+        cos[name], sin[name] = (g.const(n, t) for n, t in zip(_rope_const_names(name), (table.cos, table.sin),
+                                                               strict=True))
+    g.op("Cast", ["past_length"], outputs=["past_length_i32"], to=TensorProto.INT32)
+    total = g.op("Add", ["past_length", rows], name="total_len")
+    g.op("Cast", [total], outputs=["total_i32_1d"], to=TensorProto.INT32)
+    g.op("Sub", ["total_i32_1d", g.const("one_i32", np.array([1], np.int32))], outputs=["seqlens_k"])
+    g.op("Squeeze", ["total_i32_1d"], outputs=["total_len_scalar"])
+    return _AttentionContext(biases, cos, sin, windows, positions, qkv_pads, causal=not tree_mask)
+
+
+def _static_context(g: _Graph, spec: ModelSpec, rope: dict[str, RopeTable], max_context: int,
+                    chunk: int) -> _AttentionContext:
+    windows = _effective_windows(spec, max_context)
+    g.const("kv_slots", np.arange(max_context, dtype=np.int64))
+    biases = {w: _static_attention_bias(g, max_context, chunk, w) for w in sorted(set(windows))}
+    cos, sin = {}, {}
+    shape = g.const("shape_cos", np.array([1, 1, chunk, spec.head_dim], np.int64))
+    for name, table in rope.items():
+        cos_name, sin_name = _rope_const_names(name)
+        for out, base, values in ((cos, cos_name, table.cos), (sin, sin_name, table.sin)):
+            full = g.const(base + "_full", np.concatenate([values, values], axis=1))
+            rows = g.op("Gather", [full, "position_ids"], name=base.replace("rope.", "rope_"))  # [1,S,D]
+            out[name] = g.op("Reshape", [rows, shape], name=base.replace("rope.", "rope_") + "_4d")
+    return _AttentionContext(biases, cos, sin, windows, chunk=chunk)
+
+
+def _decoder_layer(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], i: int, variant: str,
+                   ctx: _AttentionContext, x: str, residual: str | None) -> tuple[str, str]:
+    """One block: norm, attention, (norm), residual, norm, gated MLP, (norm); returns (block output, residual)."""
+    p = f"layers.{i}."
+    eps = spec.rms_norm_eps
+    norm_w = g.const(p + "input_norm.weight", weights[p + "input_norm"].astype(np.float32))
+    h, residual = _rms_norm(g, variant, x, residual, norm_w, eps, p + "input_norm")
+    order = _qk_order(spec, i)
+    qkv = _linear(g, h, _qkv_rows(spec, weights, p, "proj", order), p + "qkv_proj")
+    if spec.attention_bias:
+        qkv_b = _qkv_rows(spec, weights, p, "bias", order)
+        qkv = g.op("Add", [qkv, g.const(p + "qkv_proj.bias", qkv_b.astype(np.float32))])
+    if variant == "fused":
+        if spec.qk_norm:
+            qkv = _fused_qk_norm(g, spec, weights, p, qkv, order)
+        attn = _fused_attention(g, spec, i, qkv, ctx)
+    else:
+        q, k, v = _split_qkv(g, spec, qkv, p)
+        attn = _static_attention(g, spec, weights, i, q, k, v, ctx, order)
+    o = _linear(g, attn, weights[p + "o_proj"], p + "o_proj")
+    if spec.attention_output_bias:
+        o = g.op("Add", [o, g.const(p + "o_proj.bias", weights[p + "o_bias"].astype(np.float32))])
+    o = _output_norm(g, spec, weights, variant, o, p + "attn_out_norm")
+    norm_w = g.const(p + "post_attention_norm.weight", weights[p + "post_attention_norm"].astype(np.float32))
+    h, residual = _rms_norm(g, variant, o, residual, norm_w, eps, p + "post_attention_norm")
+    gate_up = _linear(g, h, np.concatenate([weights[p + "gate_proj"], weights[p + "up_proj"]], 0),
+                      p + "gate_up_proj")
+    inter = spec.intermediate_size
+    gate, up = g.op("Split", [gate_up, g.const(p + "gate_up_split", np.array([inter, inter], np.int64))],
+                    n_out=2, name=p + "gate_up_split_node", axis=-1)
+    act = g.op("Mul", [_activation(g, spec.activation, variant, gate, p), up], name=p + "gated")
+    down = _linear(g, act, weights[p + "down_proj"], p + "down_proj")
+    return _output_norm(g, spec, weights, variant, down, p + "mlp_out_norm"), residual
+
+
+def _qk_order(spec: ModelSpec, i: int) -> np.ndarray | None:
+    """The q/k head dim order of layer `i` under partial rotary (export/rope.py `rotary_order`), else None."""
+    name = spec.layer_rope[i] if spec.layer_rope else "default"
+    if name is None or spec.rope[name].rotary_dim == spec.head_dim:
+        return None
+    return rotary_order(spec.head_dim, spec.rope[name].rotary_dim)
+
+
+def _qkv_rows(spec: ModelSpec, weights: dict[str, np.ndarray], p: str, kind: str,
+              order: np.ndarray | None) -> np.ndarray:
+    """q, k and v weights (kind "proj") or biases ("bias") stacked by output row, q and k heads in `order`."""
+    q, k, v = (weights[f"{p}{n}_{kind}"] for n in "qkv")
+    if order is not None:
+        q = _reorder_heads(q, spec.num_heads, order)
+        k = _reorder_heads(k, spec.num_kv_heads, order)
+    return np.concatenate([q, k, v], 0)
+
+
+def _reorder_heads(rows: np.ndarray, heads: int, order: np.ndarray) -> np.ndarray:
+    d = len(order)
+    return rows.reshape(heads, d, *rows.shape[1:])[:, order].reshape(rows.shape)
+
+
+def _head_norm(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], variant: str, name: str,
+               heads: str, order: np.ndarray | None) -> str:
+    """Per-head RMSNorm (Qwen3's and Gemma 3's q_norm / k_norm) of a [..., heads, head_dim] tensor."""
+    w = weights[name] if order is None else weights[name][order]
+    return _rms_norm(g, variant, heads, None, g.const(name + ".weight", w.astype(np.float32)), spec.rms_norm_eps,
+                     name)[0]
+
+
+def _fused_qk_norm(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], p: str, qkv: str,
+                   order: np.ndarray | None) -> str:
+    """The packed q|k|v rows with q and k normed per head (GroupQueryAttention's own q/k norm is GPU-only)."""
+    q, k, v = _split_qkv(g, spec, qkv, p)
+    normed = []
+    for kind, x, heads in (("q", q, spec.num_heads), ("k", k, spec.num_kv_heads)):
+        split = g.op("Reshape", [x, g.const(f"{p}{kind}_heads", np.array([0, 0, heads, spec.head_dim], np.int64))])
+        y = _head_norm(g, spec, weights, "fused", f"{p}{kind}_norm", split, order)
+        normed.append(g.op("Reshape", [y, g.const(f"{p}{kind}_flat", np.array([0, 0, heads * spec.head_dim],
+                                                                               np.int64))]))
+    return g.op("Concat", [*normed, v], axis=-1, name=p + "qk_normed")
+
+
+def _output_norm(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], variant: str, x: str,
+                 name: str) -> str:
+    """Gemma's RMSNorm on the attention or MLP output before it joins the residual stream (identity elsewhere)."""
+    if not spec.sandwich_norms:
+        return x
+    w = g.const(name + ".weight", weights[name].astype(np.float32))
+    return _rms_norm(g, variant, x, None, w, spec.rms_norm_eps, name)[0]
+
+
+def _activation(g: _Graph, kind: str, variant: str, gate: str, p: str) -> str:
+    """silu(gate) or gelu_tanh(gate): FastGelu is onnxruntime's tanh-approximated GELU; NPUs get plain ops."""
+    if kind == "silu":
+        return g.op("Mul", [gate, g.op("Sigmoid", [gate])], name=p + "silu")
+    if variant == "fused":
+        return g.op("FastGelu", [gate], name=p + "gelu", domain=MS_DOMAIN)
+    cube = g.op("Mul", [g.op("Mul", [gate, gate]), gate])
+    inner = g.op("Add", [gate, g.op("Mul", [cube, g.const(p + "gelu/c", np.array(0.044715, np.float32))])])
+    tanh = g.op("Tanh", [g.op("Mul", [inner, g.const(p + "gelu/k", np.array(np.sqrt(2 / np.pi), np.float32))])])
+    half = g.op("Mul", [gate, g.const(p + "gelu/half", np.array(0.5, np.float32))])
+    return g.op("Mul", [half, g.op("Add", [tanh, g.const(p + "gelu/one", np.array(1.0, np.float32))])],
+                name=p + "gelu")
+
+
+def _lm_head(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], h: str, tied: bool) -> None:
+    """Logits from the final hidden rows, soft-capped as cap·tanh(logits/cap) where the config sets a cap."""
+    out = "logits" if not spec.final_logit_softcap else "logits_uncapped"
+    if tied:
+        flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, spec.hidden_size], np.int64))])
+        logits2d = g.op("Gemm", [flat, "embed_tokens.weight"], name="lm_head", transB=1)
+        g.op("Reshape", [logits2d, g.const("logits_shape", np.array([1, -1, spec.vocab_size], np.int64))],
+             outputs=[out])
+    else:
+        _linear(g, h, weights["lm_head"], "lm_head", output=out)
+    if spec.final_logit_softcap:
+        _softcap(g, out, spec.final_logit_softcap, "final_logit_softcap", output="logits")
+
+
+def _softcap(g: _Graph, x: str, cap: float, name: str, output: str | None = None) -> str:
+    scaled = g.op("Div", [x, g.const(name + "/cap", np.array(cap, np.float32))])
+    return g.op("Mul", [g.op("Tanh", [scaled]), name + "/cap"], name=name, outputs=[output] if output else None)
 
 
 def _linear(g: _Graph, x: str, weight_out_in: np.ndarray, name: str, output: str | None = None) -> str:
@@ -246,37 +380,80 @@ def _fused_attention_bias(g: _Graph, mask: str) -> str:
     return g.op("Unsqueeze", [full, g.const("bias_axes", np.array([0, 1], np.int64))], name="attention_bias")
 
 
-def _fused_attention(g: _Graph, spec: ModelSpec, i: int, qkv: str, bias: str, positions: str,
-                     qkv_pads: str | None) -> str:
-    """GroupQueryAttention on the packed q|k|v rows, rotating q and k itself at `positions`.
+def _fused_window_bias(g: _Graph, mask: str, positions: str, window: int) -> str:
+    """[1,1,S,past+S] additive bias of a sliding-window layer in a graph that takes a tree mask.
+
+    A row at position p sees the slots and chunk rows at positions above p - window (a past slot's position
+    is its index) that its mask row allows. The window is built from positions, not slot indices, because a
+    tree node's slot (past + node index) is past its position (past + depth); GroupQueryAttention's own
+    `local_window_size` counts slots, so graphs with a tree mask leave it unset.
+    """
+    p = f"window{window}/"
+    row_pos = g.op("Squeeze", [positions, g.const(p + "axis0", np.array([0], np.int64))])  # [R]
+    past = g.op("Range", [g.const(p + "zero", np.array(0, np.int64)),
+                          g.op("Squeeze", ["past_length"], name=p + "past_scalar"),
+                          g.const(p + "one", np.array(1, np.int64))])
+    key_pos = g.op("Concat", [past, row_pos], axis=0)  # [past+R]
+    lowest = g.op("Sub", [g.op("Unsqueeze", [row_pos, g.const(p + "axis1", np.array([1], np.int64))]),
+                          g.const(p + "size", np.array(window, np.int64))])  # [R, 1]
+    in_window = g.op("Greater", [key_pos, lowest])  # [R, past+R]
+    rows = g.op("Shape", [mask], start=0, end=1)
+    past_ok = g.op("ConstantOfShape", [g.op("Concat", [rows, "past_length"], axis=0)],
+                   value=helper.make_tensor("t", TensorProto.BOOL, [1], [True]))
+    visible = g.op("And", [in_window, g.op("Concat", [past_ok, mask], axis=1)])
+    bias = g.op("Where", [visible, g.const(p + "zero_f", np.array(0.0, np.float32)),
+                          g.const(p + "neg", np.array(np.finfo(np.float32).min, np.float32))])
+    return g.op("Unsqueeze", [bias, g.const(p + "bias_axes", np.array([0, 1], np.int64))], name=p + "attention_bias")
+
+
+def _fused_attention(g: _Graph, spec: ModelSpec, i: int, qkv: str, ctx: _AttentionContext) -> str:
+    """GroupQueryAttention on the packed q|k|v rows, rotating q and k itself at the context's positions.
 
     Packed input and built-in rotary spare a Split and two RotaryEmbedding nodes per layer, as in
     onnxruntime-genai's graphs; explicit position ids keep tree passes (a node's position is its depth).
+    A layer without RoPE (SmolLM3) passes no tables. A causal graph (no bias) leaves the sliding window to
+    the operator's `local_window_size`, which keeps the same W slots as transformers' mask; with a tree
+    mask the window is in the bias (`_fused_window_bias`).
     """
     p = f"layers.{i}."
-    if qkv_pads is not None:
-        qkv = g.op("Pad", [qkv, qkv_pads], name=p + "attention_pad")
+    if ctx.qkv_pads is not None:
+        qkv = g.op("Pad", [qkv, ctx.qkv_pads], name=p + "attention_pad")
+    rope = spec.layer_rope[i] if spec.layer_rope else "default"
+    rotary = [ctx.cos[rope], ctx.sin[rope], ctx.positions] if rope else ["", "", ""]
+    window = ctx.windows[i]
+    attrs = {"local_window_size": window} if window and ctx.causal else {}
+    if spec.attention_scale is not None:
+        attrs["scale"] = spec.attention_scale
+    if spec.attention_softcap:
+        attrs["softcap"] = spec.attention_softcap
     out = g.op("GroupQueryAttention",
-               [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_len_scalar",
-                "rope.cos", "rope.sin", positions, bias],
+               [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_len_scalar", *rotary,
+                ctx.biases.get(window, "")],
                name=p + "attn", domain=MS_DOMAIN,
                outputs=[p + "attn/out", f"present_key.{i}", f"present_value.{i}"],
-               num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1)
-    if qkv_pads is None:
+               num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=int(rope is not None), **attrs)
+    if ctx.qkv_pads is None:
         return out[0]
     return g.op("Slice", [out[0], g.const("slice_start", np.array([0], np.int64)), "chunk_len",
                           g.const("slice_axis", np.array([1], np.int64))], name=p + "attention_rows")
 
 
-def _static_attention_bias(g: _Graph, max_context: int, chunk: int) -> str:
-    """[S, max_context+S] additive bias: past slots below `past_length` are visible."""
-    slots = g.const("kv_slots", np.arange(max_context, dtype=np.int64))
-    valid = g.op("Less", [slots, "past_length"])  # [max_context]
-    valid = g.op("Expand", [valid, g.const("valid_shape", np.array([chunk, max_context], np.int64))])
+def _static_attention_bias(g: _Graph, max_context: int, chunk: int, window: int = 0) -> str:
+    """[S, max_context+S] additive bias: past slots below `past_length` are visible, chunk rows as the mask says;
+    with a window, only slots and rows at positions above the row's position minus the window."""
+    p = "" if not window else f"window{window}/"
+    valid = g.op("Less", ["kv_slots", "past_length"])  # [max_context]
+    valid = g.op("Expand", [valid, g.const(p + "valid_shape", np.array([chunk, max_context], np.int64))])
     full = g.op("Concat", [valid, "attention_mask"], axis=1)
-    neg = g.const("mask_neg", np.array(np.finfo(np.float32).min, np.float32))
-    zero = g.const("mask_zero", np.array(0.0, np.float32))
-    return g.op("Where", [full, zero, neg], name="attention_bias")
+    if window:
+        row_pos = g.op("Reshape", ["position_ids", g.const(p + "rows", np.array([chunk, 1], np.int64))])
+        chunk_pos = g.op("Reshape", ["position_ids", g.const(p + "flat", np.array([chunk], np.int64))])
+        key_pos = g.op("Concat", ["kv_slots", chunk_pos], axis=0)
+        lowest = g.op("Sub", [row_pos, g.const(p + "size", np.array(window, np.int64))])
+        full = g.op("And", [full, g.op("Greater", [key_pos, lowest])])
+    neg = g.const(p + "mask_neg", np.array(np.finfo(np.float32).min, np.float32))
+    zero = g.const(p + "mask_zero", np.array(0.0, np.float32))
+    return g.op("Where", [full, zero, neg], name=p + "attention_bias")
 
 
 def _rotate(g: _Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
@@ -286,30 +463,37 @@ def _rotate(g: _Graph, x: str, cos: str, sin: str, half: int, name: str) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])], name=name)
 
 
-def _static_attention(g: _Graph, spec: ModelSpec, i: int, q: str, k: str, v: str, bias: str,
-                      cos: str, sin: str, chunk: int) -> str:
+def _static_attention(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], i: int, q: str, k: str,
+                      v: str, ctx: _AttentionContext, order: np.ndarray | None) -> str:
     p = f"layers.{i}."
-    D, nq, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    D, nq, nkv, chunk = spec.head_dim, spec.num_heads, spec.num_kv_heads, ctx.chunk
     group = nq // nkv
-    to_heads = g.const(p + "q_heads", np.array([1, chunk, nq, D], np.int64))
-    kv_heads = g.const(p + "kv_heads", np.array([1, chunk, nkv, D], np.int64))
-    q = g.op("Transpose", [g.op("Reshape", [q, to_heads])], perm=[0, 2, 1, 3])
-    k = g.op("Transpose", [g.op("Reshape", [k, kv_heads])], perm=[0, 2, 1, 3])
-    v = g.op("Transpose", [g.op("Reshape", [v, kv_heads])], perm=[0, 2, 1, 3], outputs=[f"new_value.{i}"])
-    q = _rotate(g, q, cos, sin, D // 2, p + "q_rotary")
-    k = _rotate(g, k, cos, sin, D // 2, p + "k_rotary")
+    q = g.op("Reshape", [q, g.const(p + "q_heads", np.array([1, chunk, nq, D], np.int64))])
+    k = g.op("Reshape", [k, g.const(p + "kv_heads", np.array([1, chunk, nkv, D], np.int64))])
+    if spec.qk_norm:
+        q = _head_norm(g, spec, weights, "static", p + "q_norm", q, order)
+        k = _head_norm(g, spec, weights, "static", p + "k_norm", k, order)
+    q = g.op("Transpose", [q], perm=[0, 2, 1, 3])
+    k = g.op("Transpose", [k], perm=[0, 2, 1, 3])
+    v = g.op("Transpose", [g.op("Reshape", [v, p + "kv_heads"])], perm=[0, 2, 1, 3], outputs=[f"new_value.{i}"])
+    rope = spec.layer_rope[i] if spec.layer_rope else "default"
+    if rope is not None:
+        q = _rotate(g, q, ctx.cos[rope], ctx.sin[rope], D // 2, p + "q_rotary")
+        k = _rotate(g, k, ctx.cos[rope], ctx.sin[rope], D // 2, p + "k_rotary")
     g.op("Identity", [k], outputs=[f"new_key.{i}"])
     keys = g.op("Concat", [f"past_key.{i}", k], axis=2)     # [1, nkv, T, D]
     values = g.op("Concat", [f"past_value.{i}", v], axis=2)
     qg = g.op("Reshape", [q, g.const(p + "q_group", np.array([1, nkv, group * chunk, D], np.int64))])
     scores = g.op("MatMul", [qg, g.op("Transpose", [keys], perm=[0, 1, 3, 2])])
-    scores = g.op("Mul", [scores, g.const(p + "scale", np.array(1.0 / np.sqrt(D), np.float32))])
-    total = scores  # [1, nkv, group*S, T] -> [1, nkv, group, S, T] to add the [S, T] bias
+    scale = spec.attention_scale if spec.attention_scale is not None else 1.0 / np.sqrt(D)
+    scores = g.op("Mul", [scores, g.const(p + "scale", np.array(scale, np.float32))])
+    if spec.attention_softcap:
+        scores = _softcap(g, scores, spec.attention_softcap, p + "softcap")
     t_len = g.const(p + "score_shape", np.array([1, nkv, group, chunk, -1], np.int64))
-    scores = g.op("Add", [g.op("Reshape", [total, t_len]), bias])
+    scores = g.op("Add", [g.op("Reshape", [scores, t_len]), ctx.biases[ctx.windows[i]]])  # + the [S, T] bias
     probs = g.op("Softmax", [scores], axis=-1)
     probs = g.op("Reshape", [probs, g.const(p + "prob_shape", np.array([1, nkv, group * chunk, -1], np.int64))])
-    ctx = g.op("MatMul", [probs, values])  # [1, nkv, group*S, D]
-    ctx = g.op("Reshape", [ctx, g.const(p + "ctx_heads", np.array([1, nq, chunk, D], np.int64))])
-    ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])
-    return g.op("Reshape", [ctx, g.const(p + "ctx_flat", np.array([1, chunk, nq * D], np.int64))])
+    ctx_rows = g.op("MatMul", [probs, values])  # [1, nkv, group*S, D]
+    ctx_rows = g.op("Reshape", [ctx_rows, g.const(p + "ctx_heads", np.array([1, nq, chunk, D], np.int64))])
+    ctx_rows = g.op("Transpose", [ctx_rows], perm=[0, 2, 1, 3])
+    return g.op("Reshape", [ctx_rows, g.const(p + "ctx_flat", np.array([1, chunk, nq * D], np.int64))])

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgespec.export.architectures import canonical_weights, check_config, family_of, model_spec
 from edgespec.export.errors import ExportError
-from edgespec.export.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeTable
+from edgespec.export.rope import RopeTable
+from edgespec.export.spec import ModelSpec
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,10 +35,9 @@ class LoadedModel:
     source_layers: list[int] | None = None  # for a draft derived from a target: which target layers it kept
     head_ids: np.ndarray | None = None  # a draft whose LM head keeps only these rows (weights["lm_head"] is cut)
 
-    def rope(self, max_context: int) -> RopeTable:
-        rotary = self.model.model.rotary_emb
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        return RopeTable.from_inv_freq(rotary.inv_freq.detach().cpu().numpy(), max_context, scaling)
+    def rope(self, max_context: int) -> dict[str, RopeTable]:
+        """The model's RoPE tables by name (ModelSpec.layer_rope), computed from its config."""
+        return self.spec.rope_tables(max_context)
 
 
 def default_gguf_path() -> Path:
@@ -87,10 +88,7 @@ def load(source: str) -> LoadedModel:
         config = AutoConfig.from_pretrained(load_from, **kwargs)
     except Exception as exc:  # transformers raises many types for unreadable configs
         raise ExportError(f"cannot read the model config of {source}: {_first_line(exc)}") from exc
-    arch = getattr(config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(f"unsupported architecture {arch!r} in {source}; "
-                          f"edge-export supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    check_config(config, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32,
                                                      attn_implementation="eager", **kwargs)
@@ -126,34 +124,8 @@ def _check_gguf(path: Path) -> None:
 
 
 def reduce_model(model, config) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """The spec and canonical numpy weights of a loaded transformers model (export/architectures.py)."""
+    family = family_of(config, getattr(config, "name_or_path", "") or "the model")
     sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    n_layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_bias = "model.layers.0.self_attn.q_proj.bias" in sd
-    eos = config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []):
-        if e not in eos_ids:
-            eos_ids.append(e)
-    spec = ModelSpec(
-        architecture=config.model_type, num_layers=n_layers, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads, head_dim=head_dim, vocab_size=config.vocab_size,
-        rms_norm_eps=float(config.rms_norm_eps), tie_word_embeddings=bool(config.tie_word_embeddings),
-        attention_bias=attention_bias, bos_token_id=config.bos_token_id, eos_token_ids=eos_ids,
-        param_count=int(sum(p.numel() for p in model.parameters())))
-    w = {"embed_tokens": sd["model.embed_tokens.weight"], "final_norm": sd["model.norm.weight"],
-         "lm_head": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
-    for i in range(n_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        w[dst + "input_norm"] = sd[src + "input_layernorm.weight"]
-        w[dst + "post_attention_norm"] = sd[src + "post_attention_layernorm.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            w[dst + proj] = sd[f"{src}self_attn.{proj}.weight"]
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            w[dst + proj] = sd[f"{src}mlp.{proj}.weight"]
-        if attention_bias:
-            for proj in ("q", "k", "v"):
-                w[f"{dst}{proj}_bias"] = sd[f"{src}self_attn.{proj}_proj.bias"]
-    return spec, w
+    spec = model_spec(model, config, family, sd)
+    return spec, canonical_weights(sd, spec, family)

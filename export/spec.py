@@ -6,16 +6,14 @@ numpy weights with the canonical names below, so the builder never sees a framew
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "smollm3")
+from edgespec.export.rope import RopeSpec, RopeTable, rope_table
 
 
 @dataclass
 class ModelSpec:
-    """Shape facts of a llama-style decoder (pre-norm, RMSNorm, RoPE, GQA, SwiGLU MLP)."""
+    """Shape and feature facts of a pre-norm RMSNorm / RoPE / GQA / gated-MLP decoder (export/architectures.py)."""
 
     architecture: str
     num_layers: int
@@ -27,17 +25,31 @@ class ModelSpec:
     vocab_size: int
     rms_norm_eps: float
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # q, k and v biases
     bos_token_id: int | None
     eos_token_ids: list[int]
     param_count: int
+    layer_windows: list[int] = field(default_factory=list)  # per layer: sliding-window size in tokens, 0 for none
+    layer_rope: list[str | None] = field(default_factory=list)  # per layer: key into `rope`, None for no RoPE
+    rope: dict[str, RopeSpec] = field(default_factory=dict)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma)
+    attention_output_bias: bool = False
+    activation: str = "silu"  # of the gated MLP: silu or gelu_tanh
+    embedding_scale: float = 1.0  # Gemma: sqrt(hidden_size)
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attention_softcap: float = 0.0  # 0: none; else scores become cap·tanh(scores/cap)
+    final_logit_softcap: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
 
+    def rope_tables(self, max_context: int) -> dict[str, RopeTable]:
+        return {name: rope_table(rope, self.head_dim, max_context) for name, rope in self.rope.items()}
+
 
 def canonical_weight_names(spec: ModelSpec) -> list[str]:
-    """Names the builder reads; sources must provide each (biases only with attention_bias)."""
+    """Names the builder reads; optional ones only where the spec's features need them."""
     names = ["embed_tokens", "final_norm", "lm_head"]
     for i in range(spec.num_layers):
         p = f"layers.{i}."
@@ -45,19 +57,10 @@ def canonical_weight_names(spec: ModelSpec) -> list[str]:
                                   "post_attention_norm", "gate_proj", "up_proj", "down_proj")]
         if spec.attention_bias:
             names += [p + "q_bias", p + "k_bias", p + "v_bias"]
+        if spec.attention_output_bias:
+            names.append(p + "o_bias")
+        if spec.qk_norm:
+            names += [p + "q_norm", p + "k_norm"]
+        if spec.sandwich_norms:
+            names += [p + "attn_out_norm", p + "mlp_out_norm"]
     return names
-
-
-@dataclass
-class RopeTable:
-    """cos/sin rows for positions 0..max_context-1, as RotaryEmbedding wants them: [max_ctx, head_dim/2]."""
-
-    cos: np.ndarray
-    sin: np.ndarray
-
-    @staticmethod
-    def from_inv_freq(inv_freq: np.ndarray, max_context: int, scaling: float = 1.0) -> RopeTable:
-        pos = np.arange(max_context, dtype=np.float64)[:, None]
-        angles = pos * inv_freq.astype(np.float64)[None, :]
-        return RopeTable(cos=(np.cos(angles) * scaling).astype(np.float32),
-                         sin=(np.sin(angles) * scaling).astype(np.float32))

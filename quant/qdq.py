@@ -117,8 +117,9 @@ def quantize_qdq(model: onnx.ModelProto, calibration_feeds: Iterable[dict[str, n
 
 
 def _masked_score_tensors(model: onnx.ModelProto) -> list[str]:
-    """The attention bias (output of the builder's `attention_bias` node) and the masked scores it is added into."""
-    bias = [n.output[0] for n in model.graph.node if n.name == "attention_bias"]
+    """The attention biases (outputs of the builder's `attention_bias` nodes, one per sliding-window size) and the
+    masked scores they are added into."""
+    bias = [n.output[0] for n in model.graph.node if n.name.endswith("attention_bias")]
     if not bias:
         raise ValueError("the static graph has no attention_bias node; was it built by edgespec.export.graph?")
-    return bias + [n.output[0] for n in model.graph.node if n.op_type == "Add" and bias[0] in n.input]
+    return bias + [n.output[0] for n in model.graph.node if n.op_type == "Add" and set(bias) & set(n.input)]

@@ -60,6 +60,12 @@ def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, h
                 weight.normal_(0.0, init_std)
         model.model.embed_tokens.weight.mul_(embed_scale)
     model.save_pretrained(path)
+    write_char_tokenizer(path, tok_json)
+    return path
+
+
+def write_char_tokenizer(path: Path, tok_json: dict) -> None:
+    """Save `tok_json` (from `make_tokenizer_json`) with a ChatML template as the tokenizer of the model at `path`."""
     (path / "tokenizer.json").write_text(json.dumps(tok_json))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
@@ -67,4 +73,3 @@ def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, h
         "model_max_length": 4096}))
     (path / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    return path
