@@ -150,8 +150,9 @@ def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
             generation = make_request(options.mode or mode, {
                 **options.settings, "temperature": body.temperature, "top_p": body.top_p, "top_k": options.top_k,
                 "repetition_penalty": options.repetition_penalty, "seed": body.seed, "stop": body.stops})
-        except (ValueError, TypeError) as exc:
-            raise _failure(exc) from exc
+        except (ValueError, TypeError) as exc:  # an unknown mode or setting, or a setting out of its range
+            raise ApiError(400, str(exc), param="edgespec.mode" if isinstance(exc, ModeError)
+                           else "edgespec.settings") from exc
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(tokens, limit, generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
