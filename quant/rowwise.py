@@ -4,12 +4,24 @@
 depend on the pass, but its CPU kernel costs nearly as much per extra row as for the first: on the Intel
 Xeon machine (AVX512-VNNI, AMX) an 8-row pass of the int4 target costs 2.2x a one-row pass, 128 rows 23x
 (runtime/costs.py curves, docs/speculative.md).
-onnxruntime's u8·s8 integer GEMM (`MatMulIntegerToFloat`) is nearly flat in the row count there, but
-onnxruntime's quantizers feed it one activation scale per tensor (`DynamicQuantizeLinear`), which makes
-a row's logits depend on the other rows of its pass and breaks lossless speculation (design/feasibility.md).
-So the per-row activation quantization is written here as plain ONNX ops; no onnxruntime or onnx tool
-emits it. Each linear input is quantized once, symmetrically (scale = max|row| / 127, zero point 128),
-the int32 products are exact, and the result is rescaled per row and per output channel.
+onnxruntime's integer GEMM (`MatMulIntegerToFloat`) is nearly flat in the row count there (measured with int8
+weights, before they became uint8, below), but onnxruntime's quantizers feed it one activation scale per tensor
+(`DynamicQuantizeLinear`), which makes a row's logits depend on the other rows of its pass and breaks lossless
+speculation (design/feasibility.md). So the per-row activation quantization is written here as plain ONNX ops;
+no onnxruntime or onnx tool emits it. Each linear input is quantized once, symmetrically (scale = max|row| / 127,
+zero point 128), the int32 products are exact, and the result is rescaled per row and per output channel.
+
+The weight codes (symmetric per output channel, [-127, 127]) are stored as uint8 with zero point 128, so
+onnxruntime runs its u8·u8 GEMM, which is exact on every CPU. Its u8·s8 GEMM is not: without VNNI (AVX2, AVX512
+without VNNI) it multiplies with VPMADDUBSW, which adds two adjacent u8·s8 products into a saturating int16, and
+activations up to 255 (code 127 + zero point 128) against int8 weights reach 2·255·127 = 64770 > 32767 (on an
+AVX2 machine SmolLM2's logits moved by up to 10, against 4 for the rounding alone). onnxruntime documents
+`reduce_range` for this (7-bit weights, [-64, 64]: 2·255·64 = 32640), and its session option
+`session.x64quantprecision` turns such weights into u8 when the running CPU lacks VNNI; but a bundle exported on
+one CPU runs on others, with or without that option, so the graph itself is made exact. Mean KL to fp32 on
+SmolLM2's parity prompts: 0.013 with u8 weights, 0.028 with 7-bit weights, 0.039 with 7-bit activations (zero
+point 64) against 8-bit weights; s8 activations would take a scalar kernel on x86 without AVX-VNNI-INT8. The price
+is VNNI and AMX, which onnxruntime uses for u8·s8 only.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgespec.export.graph import MS_DOMAIN
 from edgespec.quant.weight_only import quantized_linear_names
 
+# of the activation codes, and of the weight codes as stored (uint8: see the module docstring)
 _ZERO_POINT = 128
 # the smallest row maximum that is quantized: an all-zero row gets scale 1e-30 and codes 128, not NaN
 _TINY = 1e-30
@@ -89,9 +102,11 @@ def quantize_rowwise(model: onnx.ModelProto) -> onnx.ModelProto:
             quantized[x] = codes, scale
         codes, scale = quantized[x]
         wq, ws = per_channel_int8(numpy_helper.to_array(inits[w]).astype(np.float32))
-        new_inits += [numpy_helper.from_array(wq, f"{w}_W8"), numpy_helper.from_array(ws, f"{w}_W8_scale")]
+        stored = (wq.astype(np.int16) + _ZERO_POINT).astype(np.uint8)  # u8·u8: exact on every CPU
+        new_inits += [numpy_helper.from_array(stored, f"{w}_W8"), numpy_helper.from_array(ws, f"{w}_W8_scale")]
         nodes += [
-            helper.make_node("MatMulIntegerToFloat", [codes, f"{w}_W8", "rowq_one", f"{w}_W8_scale", "rowq_zp"],
+            helper.make_node("MatMulIntegerToFloat",
+                             [codes, f"{w}_W8", "rowq_one", f"{w}_W8_scale", "rowq_zp", "rowq_zp"],
                              [f"{node.name}/int"], name=f"{node.name}/int", domain=MS_DOMAIN),
             helper.make_node("Mul", [f"{node.name}/int", scale], list(node.output), name=node.name),
         ]

@@ -16,7 +16,7 @@ from edgespec.quant.embedding import dequantize_q8, q8_blocks, quantize_embeddin
 from edgespec.quant.fp16 import to_fp16
 from edgespec.quant.gguf_exact import UnsupportedGGUFError, carry_gguf_blocks
 from edgespec.quant.qdq import MASK_FLOOR, calibration_feeds, quantize_qdq
-from edgespec.quant.rowwise import per_channel_int8, quantize_rowwise
+from edgespec.quant.rowwise import quantize_rowwise
 from edgespec.quant.smooth import activation_maxima, smooth_weights
 from edgespec.quant.weight_only import quantize_weight_only, quantized_linear_names
 
@@ -161,14 +161,31 @@ def test_weight_only_rejects_bad_options(fused, tiny):
         quantize_weight_only(tied, 4)
 
 
-# ---- W8A8: int8 weights per output channel, int8 activations per row ----
+# ---- W8A8: 8-bit weights per output channel (stored as uint8), 8-bit activations per row ----
 
 def _w8a8_reference(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """What one quantized linear computes, in numpy: codes rounded half up, exact integer products."""
+    """What one quantized linear computes, in numpy: activation codes rounded half up, weight codes in [-127, 127]
+    per output channel, exact integer products."""
     scale = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-30)) * np.float32(1 / 127)
     codes = np.floor(x / scale + np.float32(128.5)).astype(np.int64) - 128
-    wq, ws = per_channel_int8(weight)
-    return (codes @ wq.astype(np.int64)).astype(np.float32) * ws * scale
+    ws = (np.abs(weight).max(0) / 127).astype(np.float32)
+    wq = np.clip(np.rint(weight / np.where(ws == 0, 1, ws)), -127, 127).astype(np.int64)
+    return (codes @ wq).astype(np.float32) * ws * scale
+
+
+def _one_linear(fused: onnx.ModelProto,
+                weight: np.ndarray | None = None) -> tuple[ort.InferenceSession, str, np.ndarray]:
+    """(session, input name, weight) of the W8A8 down projection of layer 0 cut from the model as a one-node graph,
+    with `weight` (same shape) in place of the model's if given."""
+    node = next(n for n in fused.graph.node if n.name.endswith("down_proj"))
+    if weight is None:
+        weight = numpy_helper.to_array({t.name: t for t in fused.graph.initializer}[node.input[1]])
+    graph = onnx.helper.make_graph([node], "one", [onnx.helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT,
+                                                                                       [1, None, weight.shape[0]])],
+                                   [onnx.helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                                   [numpy_helper.from_array(weight, node.input[1])])
+    one = quantize_rowwise(onnx.helper.make_model(graph, opset_imports=fused.opset_import))
+    return ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]), node.input[0], weight
 
 
 def test_w8a8_replaces_every_linear_and_computes_the_reference(fused, tiny):
@@ -178,19 +195,42 @@ def test_w8a8_replaces_every_linear_and_computes_the_reference(fused, tiny):
     # one activation quantizer per linear input: q/k/v share one, as do gate/up
     assert ops.count("ReduceMax") == 4 * tiny.spec.num_layers + 1
     # the down projection of layer 0 against numpy, fed through a one-linear graph cut from the model
-    node = next(n for n in fused.graph.node if n.name.endswith("down_proj"))
-    weight = numpy_helper.to_array({t.name: t for t in fused.graph.initializer}[node.input[1]])
+    session, name, weight = _one_linear(fused)
     x = np.random.default_rng(0).standard_normal((1, 5, weight.shape[0])).astype(np.float32)
     x[0, 2] = 0.0  # an all-zero row quantizes to zeros, not NaN
-    graph = onnx.helper.make_graph([node], "one", [onnx.helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT,
-                                                                                       [1, None, weight.shape[0]])],
-                                   [onnx.helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
-                                   [numpy_helper.from_array(weight, node.input[1])])
-    one = quantize_rowwise(onnx.helper.make_model(graph, opset_imports=fused.opset_import))
-    session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {node.input[0]: x})[0]
+    got = session.run(None, {name: x})[0]
     np.testing.assert_allclose(got, _w8a8_reference(x, weight), rtol=1e-5, atol=1e-6)
     assert np.all(got[0, 2] == 0)
+
+
+def test_w8a8_int16_pair_sums_cannot_saturate(fused):
+    # Without VNNI, onnxruntime's u8·s8 GEMM adds adjacent u8·s8 products into a saturating int16 (VPMADDUBSW):
+    # activation codes 127 (u8 255) against int8 weights of one sign reach 2·255·127 = 64770 per pair, and with
+    # int8 weights this test failed on AVX2 (errors of most of the result). uint8 weights take the u8·u8 GEMM,
+    # exact on every CPU; the first check asserts that where the kernel would not show it (VNNI accumulates in
+    # int32).
+    q = quantize_rowwise(fused)
+    inits = {t.name: t for t in q.graph.initializer}
+    gemms = [n for n in q.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert gemms
+    for node in gemms:
+        weight, zero_point = inits[node.input[1]], numpy_helper.to_array(inits[node.input[5]])
+        assert weight.data_type == TensorProto.UINT8 and zero_point.dtype == np.uint8 and zero_point == 128
+        # the codes stay symmetric: 128 ± 127, the full 8 bits
+        assert numpy_helper.to_array(weight).min() >= 1 and numpy_helper.to_array(weight).max() == 255
+    shape = _one_linear(fused)[2].shape
+    rng = np.random.default_rng(1)
+    # columns of one sign, every weight near its column's maximum: adjacent products add up, never cancel
+    weight = (rng.uniform(0.9, 1.0, shape) * np.where(np.arange(shape[1]) % 2, -1.0, 1.0)).astype(np.float32)
+    session, name, _ = _one_linear(fused, weight)
+    x = np.stack([np.ones(shape[0]), -np.ones(shape[0]), rng.uniform(0.95, 1.0, shape[0]),
+                  np.where(np.arange(shape[0]) % 2, -1.0, 1.0), rng.standard_normal(shape[0])])[None]
+    x = x.astype(np.float32)
+    ref = _w8a8_reference(x, weight)
+    np.testing.assert_allclose(session.run(None, {name: x})[0], ref, rtol=1e-5, atol=1e-6)
+    for row in range(x.shape[1]):  # one row: onnxruntime has GEMV kernels too (its u8·s8 one pairs products)
+        np.testing.assert_allclose(session.run(None, {name: x[:, row:row + 1]})[0], ref[:, row:row + 1],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_w8a8_logits_close_to_fp32_and_independent_of_pass_size(fused, tokens):
