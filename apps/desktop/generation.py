@@ -224,7 +224,8 @@ class EngineWorker:
             gen.close()
         flush()
         if stopped or session.last_result is None:
-            _emit(job, Finished("".join(sent), "cancelled", len(job.tokens), live.tokens, live.snapshot()))
+            stats = {"mode": job.request.mode, **live.snapshot()}
+            _emit(job, Finished("".join(sent), "cancelled", len(job.tokens), live.tokens, stats))
             return "cancelled"
         result = session.last_result
         stats = live.snapshot()
