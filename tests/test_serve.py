@@ -204,6 +204,27 @@ def test_two_concurrent_streams_each_equal_their_own_greedy_run(engine, client):
     assert texts == refs and refs[0] != refs[1]
 
 
+def test_origin_rules_read_the_counters_the_modes_publish():
+    from edgespec.runtime.origins import OriginTracker
+
+    def steps(mode: str, chunks: list[tuple[int, dict]], settings=None) -> list[list[str | None]]:
+        tracker = OriginTracker(mode, settings)
+        return [tracker(list(range(n)), stats) for n, stats in chunks]
+
+    spec = [(3, {"speculative": {"steps": 1}}), (1, {"speculative": {"steps": 2}})]
+    assert steps("spec", spec) == [["draft", "draft", "target"], ["target"]]
+    assert steps("ngram", spec) == [["ngram", "ngram", "target"], ["target"]]
+    staged = [(3, {"speculative": {"steps": 1}}), (2, {"speculative": {"steps": 1}})]  # a path step, a direct step
+    assert steps("staged", staged) == [["draft", "draft", "target"], ["ngram", "target"]]
+    ead = [(1, {"ead": {"tokens_small": 1}}), (1, {"ead": {"tokens_small": 1}})]
+    assert steps("ead", ead) == [["small"], ["target"]]
+    ead_spec = [(1, {"ead": {"tokens_small": 1}}), (3, {"ead": {"tokens_small": 1}, "speculative": {"steps": 1}})]
+    assert steps("ead-spec", ead_spec) == [["small"], ["draft", "draft", "target"]]
+    assert steps("ar", [(1, {})], ArSettings(model="draft")) == [["small"]]
+    assert steps("ar", [(1, {})], ArSettings()) == [["target"]]
+    assert steps("test-unknown", [(2, {})]) == [[None, None]]
+
+
 WRONG_TYPES = [
     ("model", 5), ("messages", "hello"), ("messages", []), ("messages", [{"role": "robot", "content": "hi"}]),
     ("messages", [{"role": "user", "content": 5}]), ("messages", [{"role": "user"}]),
