@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
@@ -71,7 +70,6 @@ def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="edgespec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
     created = int(engine.manifest.root.stat().st_mtime)
 
     @app.exception_handler(ApiError)
@@ -81,10 +79,6 @@ def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), headers=exc.headers).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return ApiError(400, str(exc)).response()
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, exc: Exception) -> JSONResponse:
@@ -162,7 +156,7 @@ def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
             raise ApiError(429, f"the server is busy: {worker.waiting} requests are waiting; retry later",
                            type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(worker.retry_after())}) from None
-        reply = _Reply(model_id, chat, len(tokens), generation.mode)
+        reply = _Reply(model_id, chat, generation.mode)
         gone = asyncio.ensure_future(_disconnected(request))
         streaming = False
         try:
@@ -189,8 +183,8 @@ def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
 class _Reply:
     """Builds the response objects of one request: chat or text completion, whole or as stream chunks."""
 
-    def __init__(self, model_id: str, chat: bool, prompt_tokens: int, mode: str):
-        self.model_id, self.chat, self.prompt_tokens, self.mode = model_id, chat, prompt_tokens, mode
+    def __init__(self, model_id: str, chat: bool, mode: str):
+        self.model_id, self.chat, self.mode = model_id, chat, mode
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.tokens: list[tuple[str, str | None]] = []

@@ -36,14 +36,16 @@ HELP = """commands:
 class TerminalChat:
     def __init__(self, engine: Engine, mode: str, sampling: dict, max_tokens: int, system: str | None = None,
                  color: bool = False, out: TextIO = sys.stdout):
+        make_request(mode, sampling)  # a bad flag fails before the first prompt
+        if max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
         self.engine, self.sampling, self.max_tokens, self.out = engine, sampling, max_tokens, out
+        self.mode, self.settings = mode, {}
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages = list(self.system)
         self.color = color and os.environ.get("NO_COLOR") is None
-        self.worker = EngineWorker(engine, max_waiting=1)
         self.last: Finished | None = None
-        make_request(mode, sampling)  # a bad flag fails before the first prompt
-        self.mode, self.settings = mode, {}
+        self.worker = EngineWorker(engine, max_waiting=1)
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
