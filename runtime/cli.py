@@ -21,7 +21,7 @@ def _mode_help() -> str:
 
 
 def _add_generate(sub) -> None:
-    from edgespec.runtime.modes import MODES
+    from edgespec.runtime.modes import DEFAULT_MODE, MODES
 
     p = sub.add_parser("generate", help="generate text from a bundle")
     p.add_argument("--bundle", required=True)
@@ -29,7 +29,7 @@ def _add_generate(sub) -> None:
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
-    p.add_argument("--mode", default="ar", choices=list(MODES), help=_mode_help())
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=list(MODES), help=_mode_help())
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="a setting of the mode, e.g. --set depth=4 (repeatable; 'none' for the adaptive default)")
     p.add_argument("--max-new-tokens", type=int, default=256)

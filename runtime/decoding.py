@@ -30,12 +30,18 @@ class ModeError(ValueError):
     """The decoding mode is unknown or needs a model this bundle does not have."""
 
 
-def check_size(name: str, value: int | None, optional: bool = True) -> None:
-    """A size setting: an integer >= 0, or (`optional`) None, which leaves the size to the mode."""
+# The most tokens a step proposes: its verify pass then holds at most MAX_PROPOSAL + 1 rows, every size of
+# which the pass-size check tries (runtime/selfcheck.py), and adaptive sizing never goes near it on a CPU.
+MAX_PROPOSAL = 31
+
+
+def check_size(name: str, value: int | None, optional: bool = True, most: int = MAX_PROPOSAL) -> None:
+    """A size setting: an integer from 0 to `most`, or (`optional`) None, which leaves the size to the mode."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0{' (or None: adaptive)' if optional else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= most:
+        raise ValueError(f"{name} must be an integer from 0 to {most}{' (or None: adaptive)' if optional else ''}, "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class DecodeContext:
     ngram_model: NgramModel | None = None
     prior_alpha: float | None = None
     bundle_tau: float | None = None
+    exact_passes: bool = True  # the target computes a row alike in passes of every size it runs (selfcheck.py)
 
 
 @dataclass
@@ -128,12 +135,17 @@ def decode_ar(state: DecodeState) -> Iterator[list[int]]:
         if state.draft is None:
             raise ModeError('model="draft" needs a bundle with a draft model')
         target = state.draft
+    yield from one_token_steps(state, target)
+
+
+def one_token_steps(state: DecodeState, runner: ModelRunner) -> Iterator[list[int]]:
+    """Feed what `runner` does not hold, then commit one token per pass."""
     t0 = time.perf_counter()
-    fed = target.stats.tokens
-    logits = next_logits(target, state.tokens)
-    state.prefilled = target.stats.tokens - fed
+    fed = runner.stats.tokens
+    logits = next_logits(runner, state.tokens)
+    state.prefilled = runner.stats.tokens - fed
     state.stats["prefill_seconds"] = time.perf_counter() - t0
     while True:
         token = state.next_token(logits)
         yield [token]
-        logits = target.forward([token])[-1]
+        logits = runner.forward([token])[-1]

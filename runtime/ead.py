@@ -49,7 +49,7 @@ class EadSettings:
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, Real)
                                      or math.isnan(self.tau)):
             raise ValueError(f"tau must be a number of bits, got {self.tau!r}")
-        check_size("min_span", self.min_span, optional=False)
+        check_size("min_span", self.min_span, optional=False, most=1 << 30)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
 

@@ -17,7 +17,7 @@ from edgespec.runtime.decoding import DecodeContext, DecodeState, ModeError
 from edgespec.runtime.ead import add_ar_ratio
 from edgespec.runtime.machine import cpu_tag
 from edgespec.runtime.model import ContextFullError, ModelRunner, SessionConfig
-from edgespec.runtime.modes import MODES, Mode, Request, get_mode, make_request, register_mode
+from edgespec.runtime.modes import DEFAULT_MODE, MODES, Mode, Request, get_mode, make_request, register_mode
 from edgespec.runtime.text import BundleTokenizer, TextOut
 
 __all__ = ["MODES", "ChatSession", "Engine", "GenerationResult", "ModeError", "PromptError", "register_mode"]
@@ -104,8 +104,8 @@ class Engine:
             return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": prompt}]))
         return self.tokenizer.encode(prompt)
 
-    def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
-                 **settings) -> GenerationResult:
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = DEFAULT_MODE,
+                 chat: bool = False, **settings) -> GenerationResult:
         """Generate a completion; `prompt` may be a string or a list of chat messages.
 
         `settings` are the sampling parameters (temperature=0: greedy, top_k, top_p, repetition_penalty,
@@ -115,7 +115,7 @@ class Engine:
         request = make_request(mode, settings)
         return ChatSession(self).run(self.prompt_tokens(prompt, chat), max_new_tokens, request)
 
-    def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = "ar", chat: bool = False,
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = DEFAULT_MODE, chat: bool = False,
                **settings) -> Iterator[str]:
         """Yield text pieces as they are decoded; each piece is complete UTF-8 text. Holds the engine's lock
         from the first piece until the stream is exhausted or closed."""
@@ -181,7 +181,17 @@ class Engine:
             self.cost_curves = self.measure_costs()
         return DecodeContext(target_cost_curve=self.cost_curves.get("target"),
                              draft_cost_curve=self.cost_curves.get("draft"), ngram_model=self.ngram_model,
-                             prior_alpha=self.draft_agreement if mode.drafted else None, bundle_tau=self.bundle_tau)
+                             prior_alpha=self.draft_agreement if mode.drafted else None, bundle_tau=self.bundle_tau,
+                             exact_passes=self.exact_passes)
+
+    @property
+    def exact_passes(self) -> bool:
+        """Whether the target verifies several tokens per pass exactly as `ar` computes them one by one here:
+        a speculation-ready target whose pass-size check found two-row passes safe (static graphs: every size)."""
+        check = self.pass_check
+        if not self.target_pass_size_invariant or check is None:
+            return False
+        return check["max_rows"] >= 2 if self.target.fused else not check["mismatched"]
 
     def chat(self) -> ChatSession:
         """A conversation that keeps its KV between turns and prefills only each new turn."""
@@ -199,7 +209,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.last_result: GenerationResult | None = None
 
-    def send(self, content: str, max_new_tokens: int = 256, mode: str = "ar", **settings) -> GenerationResult:
+    def send(self, content: str, max_new_tokens: int = 256, mode: str = DEFAULT_MODE, **settings) -> GenerationResult:
         """Add a user turn, generate the assistant turn, and keep both in the history (`settings`: as for
         `Engine.generate`)."""
         if not content.strip():

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, get_args, get_type_hints
 
+from edgespec.runtime.auto import decode_auto
 from edgespec.runtime.decoding import ArSettings, DecodeState, ModeError, NoSettings, decode_ar
 from edgespec.runtime.ead import EadSettings, EadSpecSettings, decode_ead, decode_ead_spec
 from edgespec.runtime.sampling import SamplingParams
@@ -37,7 +38,12 @@ class Mode:
     costed: bool = False  # reads the measured pass costs (runtime/costs.py)
 
 
+DEFAULT_MODE = "auto"
+
 MODES: dict[str, Mode] = {
+    "auto": Mode(decode_auto, NoSettings, "the default: each step verifies whichever lossless proposal (none, n-gram, "
+                 "the draft's path) is expected to commit the most tokens per unit of cost here; lossless "
+                 "(plain ar where this machine cannot verify exactly)", drafted=True, costed=True),
     "ar": Mode(decode_ar, ArSettings, "one target pass per token"),
     "spec": Mode(decode_spec, SpecSettings, "the draft proposes k tokens, the target verifies them; lossless",
                  lossless=True, drafted=True, costed=True),

@@ -8,10 +8,10 @@ property of onnxruntime's kernels on this CPU, provider and thread count, not of
 - On AVX2 CPUs without VNNI, 4-bit MatMulNBits computes a one-row pass with a kernel that rounds apart
   from its multi-row kernel, while passes of two or more rows agree with each other. There every pass of
   the target is padded to two input rows, so `ar` and verification share one numerical path.
-So the target is checked before its first generation: passes of every size up to `MAX_ROWS`, after a
-short and after a long context, are compared bitwise with one-token passes, first unpadded, then (where
-that fails) with one-token passes padded to two rows. The verdict (padding, largest safe pass) is kept in
-the bundle cache under a key that names this CPU (runtime/machine.py).
+So the target is checked before its first generation: passes of every size a mode can verify and of
+the prefill chunk sizes, after a short and after a long context, are compared bitwise with one-token
+passes, first unpadded, then (where that fails) with one-token passes padded to two rows. The verdict
+(padding, largest safe pass) is kept in the bundle cache under a key that names this CPU (runtime/machine.py).
 """
 
 from __future__ import annotations
@@ -24,28 +24,29 @@ import numpy as np
 from edgespec.runtime.bundle import save_cache_json
 from edgespec.runtime.model import ModelRunner
 
-# The largest pass the target runs (prefill chunks and verification alike): every size up to it is checked,
-# so no pass a mode can run is left unchecked. The modes' sizing stays far below it on CPUs (a longer verify
-# pass costs more than its expected accepted tokens save), and prefill loses little in 32-row chunks.
-MAX_ROWS = 32
+# Pass sizes checked after a short context: every size a mode can verify (a proposal holds at most
+# MAX_PROPOSAL tokens, runtime/decoding.py) and prefill chunk sizes up to the largest pass, MAX_ROWS.
+# After a long context (attention takes other paths there) fewer sizes are tried.
+MAX_ROWS = 128
+SHORT_SIZES = tuple(range(2, 33)) + (48, 64, 96, 127, 128)
+LONG_SIZES = tuple(range(2, 17)) + (32, 64, 128)
 
 
-def pass_size_mismatches(runner: ModelRunner, max_rows: int = MAX_ROWS, prefixes: tuple[int, ...] | None = None,
+def pass_size_mismatches(runner: ModelRunner, plan: tuple[tuple[int, tuple[int, ...]], ...] | None = None,
                          seed: int = 0) -> tuple[list[int], list[int]]:
     """(sizes checked, the first size whose rows differ from one-token passes, if any) with the runner's padding.
 
-    Sizes 2..max_rows are tried in order after each context length in `prefixes` (default: a short one and
-    half the buffer, at most 1024); each k-row pass is compared bitwise with one-token passes over the same
-    tokens, and so is the pass after it (the K/V it wrote must match too). Stops at the first mismatch.
-    Leaves the runner empty.
+    `plan` holds (context length, pass sizes) pairs; by default `SHORT_SIZES` after 16 tokens and `LONG_SIZES`
+    after half the buffer (at most 1024). Each k-row pass is compared bitwise with one-token passes over the
+    same tokens, and so is the pass after it (the K/V it wrote must match too). Sizes run in increasing order
+    and the check stops at the first mismatch. Leaves the runner empty.
     """
-    top = min(max_rows, runner.max_chunk)
-    if prefixes is None:
-        prefixes = (min(16, runner.max_context // 4), min(1024, runner.max_context // 2))
+    if plan is None:
+        plan = ((min(16, runner.max_context // 4), SHORT_SIZES), (min(1024, runner.max_context // 2), LONG_SIZES))
     checked: list[int] = []
     rng = np.random.default_rng(seed)
-    for prefix in prefixes:
-        sizes = [k for k in range(2, top + 1) if prefix + k + runner.input_rows + 1 < runner.max_context]
+    for prefix, wanted in plan:
+        sizes = [k for k in wanted if k <= runner.max_chunk and prefix + k + runner.input_rows + 1 < runner.max_context]
         if not sizes:
             continue
         tokens = rng.integers(0, runner.vocab_size, prefix + sizes[-1] + 1)
@@ -56,13 +57,12 @@ def pass_size_mismatches(runner: ModelRunner, max_rows: int = MAX_ROWS, prefixes
             runner.rollback(prefix)
             rows = runner.forward(tokens[prefix:prefix + k]).copy()
             after = runner.forward([tokens[prefix + k]])[-1]
-            if k not in checked:
-                checked.append(k)
             if not (np.array_equal(rows, reference[:k]) and np.array_equal(after, reference[k])):
                 runner.rollback(0)
-                return checked, [k]
+                return sorted(set(checked) | {k}), [k]
+            checked.append(k)
     runner.rollback(0)
-    return checked, []
+    return sorted(set(checked)), []
 
 
 def check_runner(runner: ModelRunner) -> dict:
@@ -76,8 +76,8 @@ def check_runner(runner: ModelRunner) -> dict:
     for rows in (1, 2) if runner.fused else (1,):
         runner.pad_passes(rows)
         checked, mismatched = pass_size_mismatches(runner)
-        tried[rows] = {"checked": checked, "mismatched": mismatched,
-                       "max_rows": min(mismatched) - 1 if mismatched else max(checked, default=1)}
+        safe = [k for k in checked if not mismatched or k < mismatched[0]]
+        tried[rows] = {"checked": checked, "mismatched": mismatched, "max_rows": max(safe, default=1)}
         if not mismatched:
             break
     rows = max(tried, key=lambda r: (tried[r]["max_rows"], -r))

@@ -60,12 +60,13 @@ class StagedSettings:
 
     def __post_init__(self) -> None:
         check_size("depth", self.depth)
-        check_size("ngram_width", self.ngram_width, optional=False)
+        check_size("ngram_width", self.ngram_width, optional=False, most=16)
         if self.path_rule not in ("auto", "argmax", "sample"):
             raise ValueError(f"path_rule must be 'auto', 'argmax' or 'sample', got {self.path_rule!r}")
 
 
-def _drafter(state: DecodeState) -> NgramDrafter:
+def ngram_drafter(state: DecodeState) -> NgramDrafter:
+    """The n-gram drafter over the committed text and the bundle's trigram table."""
     return NgramDrafter(ContextLookup(state.tokens), state.context.ngram_model)
 
 
@@ -95,7 +96,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[n
 def decode_ngram(state: DecodeState) -> Iterator[list[int]]:
     """Model-free speculation: the n-gram drafter proposes straight to the target."""
     stats = SpecStats.attach(state)
-    direct = DirectNgram(state, stats, _drafter(state), state.settings.k)
+    direct = DirectNgram(state, stats, ngram_drafter(state), state.settings.k)
     prefill_target(state, stats)
     try:
         while True:
@@ -162,9 +163,9 @@ class ProposalRule:
 class StagedDrafter:
     """Stage 2: grow the draft model's path, several tokens per draft pass."""
 
-    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter):
+    def __init__(self, state: DecodeState, stats: SpecStats, drafter: NgramDrafter, width: int):
         self.state, self.stats, self.drafter = state, stats, drafter
-        self.width = state.settings.ngram_width
+        self.width = width
         self.ngram_proposed = self.ngram_accepted = 0
         self.curve = state.context.draft_cost_curve
         self.tree_seconds = 0.0  # the draft's tree passes so far, priced by its cost curve
@@ -253,19 +254,21 @@ class StagedStep:
     when the measured acceptance and costs say the draft model cannot pay for its passes, the n-gram
     proposal straight away (the stage below it), so a weak draft costs little more than `ngram`."""
 
-    def __init__(self, state: DecodeState):
+    def __init__(self, state: DecodeState, settings: StagedSettings | None = None):
         require_draft(state, "staged")
+        settings = settings or state.settings
         self.state = state
         self.stats = SpecStats.attach(state)
         self.direct_stats = SpecStats(out={}, target_curve=self.stats.target_curve)
-        self.drafter = _drafter(state)
+        self.drafter = ngram_drafter(state)
         self.direct = DirectNgram(state, self.direct_stats, self.drafter)
-        self.stage2 = StagedDrafter(state, self.stats, self.drafter)
-        self.fixed = state.settings.depth
+        self.stage2 = StagedDrafter(state, self.stats, self.drafter, settings.ngram_width)
+        self.fixed = settings.depth
         self.draft_tokens = 0
         self.draft_passes_before = state.draft.stats.passes
         self.probes_skipped = 0
-        self.rule = ProposalRule(state.settings.path_rule)
+        self.rule = ProposalRule(settings.path_rule)
+        self.kinds: dict[str, int] = {}  # steps by what they verified: "ar", "ngram", "spec", "staged"
 
     def __call__(self) -> tuple[list[int], np.ndarray]:
         """Commit the next tokens; returns them and the target's logits for each."""
@@ -274,13 +277,21 @@ class StagedStep:
         limit = min(state.target.capacity, state.target.max_chunk, state.draft.capacity) - 1
         if self.fixed is not None:
             depth = max(0, min(int(self.fixed), limit))
-            return self._path(depth, depth) if depth else self.direct.step(self.direct.propose(limit))
+            return self._path(depth, depth) if depth else self._direct(self.direct.propose(limit))
         draft_s, target_s = _path_token_seconds(state, self.stage2.tree_seconds, self.draft_tokens)
         depth, path_value = stats.choose(limit, draft_s, target_s)
         direct = self.direct.propose(limit)
         if depth and self._path_pays(path_value, direct[2], draft_s, target_s):
             return self._path(min(depth, limit), min(limit, stats.k_max), stats.draft_cost_ratio(draft_s, target_s))
-        return self.direct.step(direct)
+        return self._direct(direct)
+
+    def _direct(self, proposal: tuple[list[int], list[str], float]) -> tuple[list[int], np.ndarray]:
+        """Verify the n-gram proposal alone (an `ngram` step; with nothing proposed, an `ar` step)."""
+        self._count("ngram" if proposal[0] else "ar")
+        return self.direct.step(proposal)
+
+    def _count(self, kind: str) -> None:
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
     def _path_pays(self, path_value: float, direct_value: float, draft_s: float | None,
                    target_s: float | None) -> bool:
@@ -310,8 +321,9 @@ class StagedStep:
         beyond it, cut where the expected tokens per unit of cost (its draft passes priced in) peak."""
         t0 = time.perf_counter()
         rule = None if self.state.params.greedy else self.rule
-        passes = self.state.draft.stats.passes
+        passes, guessed = self.state.draft.stats.passes, self.stage2.ngram_accepted
         path, q = self.stage2.path(depth, sampled=rule is not None and rule.sampled, reach=reach)
+        self._count("staged" if self.stage2.ngram_accepted > guessed else "spec")  # no guess held: a draft chain
         if len(path) > depth:
             spent = (self.state.draft.stats.passes - passes) * draft_cost
             alpha, cost = self.stats.alpha, self.stats.verify_cost
@@ -336,7 +348,7 @@ class StagedStep:
             "path_rule_acceptance": {"argmax": self.rule.argmax, "sample": self.rule.drawn},
             "draft_seconds_priced": {"tree": stage2.tree_seconds, "catch_up": stage2.catch_up_seconds},
             "ngram_direct": self.direct_stats.out.get("speculative", {}),
-            "ngram_sources": self.direct.sizing.summary()}
+            "ngram_sources": self.direct.sizing.summary(), "steps_by_kind": dict(sorted(self.kinds.items()))}
         _merge_histograms(self.state.stats["speculative"], self.direct_stats)
 
 

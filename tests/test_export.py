@@ -258,7 +258,7 @@ def test_quantized_logits_do_not_depend_on_pass_size(default_int8, default_int4,
         verdict = check_runner(runner)  # pads passes to two rows where this CPU's one-row kernels round apart
         print(bundle.name, isa_summary(), verdict["input_rows"])
         results = []
-        for step in (1, 3, 16, MAX_ROWS - 1, MAX_ROWS):  # MAX_ROWS is the runtime's largest pass
+        for step in (1, 3, 16, MAX_ROWS - 1, MAX_ROWS):  # MAX_ROWS is the runtime's largest pass (129: apart)
             runner.rollback(0)
             results.append(np.concatenate([runner.forward(seq[i:i + step]).copy() for i in range(0, len(seq), step)]))
         for other in results[1:]:
@@ -313,8 +313,11 @@ def test_ar_only_target_is_fast_path_and_refuses_speculation(tiny_dir, tmp_path)
     full = export_bundle(str(tiny_dir), tmp_path / "full", options=ExportOptions(**opts), parity=False)
     ar_only, lossless = Engine.load(out), Engine.load(full)
     assert ar_only.target.min_rows == 1
-    plain = ar_only.generate("hello", max_new_tokens=12).token_ids
-    assert plain == lossless.generate("hello", max_new_tokens=12).token_ids
+    plain = ar_only.generate("hello", max_new_tokens=12, mode="ar").token_ids
+    assert plain == lossless.generate("hello", max_new_tokens=12, mode="ar").token_ids
+    default = ar_only.generate("hello", max_new_tokens=12)  # mode="auto" falls back to ar steps, and says so
+    assert default.token_ids == plain and default.stats["auto"]["steps_by_kind"] == {"ar": 12}
+    assert "cannot verify" in default.stats["auto"]["why_ar"]
     for mode in ("ngram", "spec", "staged"):
         with pytest.raises(ModeError, match="--ar-only"):
             ar_only.generate("hello", max_new_tokens=4, mode=mode)

@@ -21,7 +21,7 @@ def pair(tiny_pair_bundle):
 
 def test_a_misspelt_sampling_parameter_is_an_error_naming_the_valid_ones(pair):
     with pytest.raises(TypeError, match="temprature") as raised:
-        pair.generate("hello", max_new_tokens=4, temprature=0.7)
+        pair.generate("hello", max_new_tokens=4, mode="ar", temprature=0.7)
     message = str(raised.value)
     assert "did you mean 'temperature'" in message and "model" in message and "top_p" in message
 

@@ -24,7 +24,8 @@ from edgespec.runtime.sampling import SamplingParams, process_logits, sample
 RUNS = 2500
 PROMPT = "ab"
 MODE_OPTIONS = {"ar": {}, "spec": {"k": 2}, "staged": {"depth": 2, "path_rule": "argmax"},
-                "staged-sample": {"depth": 2, "path_rule": "sample"}, "staged-auto": {"depth": 2}, "ngram": {"k": 2}}
+                "staged-sample": {"depth": 2, "path_rule": "sample"}, "staged-auto": {"depth": 2}, "ngram": {"k": 2},
+                "auto": {}}
 
 
 @pytest.fixture(scope="module")

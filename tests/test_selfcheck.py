@@ -10,10 +10,11 @@ import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgespec.runtime.bundle import load_manifest, sha256_file
+from edgespec.runtime.decoding import MAX_PROPOSAL
 from edgespec.runtime.engine import Engine, ModeError
 from edgespec.runtime.machine import cpu_description, isa_summary
 from edgespec.runtime.model import ModelRunner, SessionConfig
-from edgespec.runtime.selfcheck import MAX_ROWS, check_runner, pass_size_mismatches
+from edgespec.runtime.selfcheck import MAX_ROWS, SHORT_SIZES, check_runner, pass_size_mismatches
 
 
 def _copy(bundle, tmp_path):
@@ -27,7 +28,8 @@ def test_check_passes_on_our_graph_and_is_kept_in_the_bundle_cache(tiny_bundle, 
     engine = Engine.load(bundle)
     ar = engine.generate("def f(x):", max_new_tokens=20)
     assert engine.pass_check["mismatched"] == [] and engine.pass_check["max_rows"] == MAX_ROWS
-    assert engine.pass_check["checked"] == list(range(2, MAX_ROWS + 1))  # every size a mode can run
+    assert engine.pass_check["checked"] == [k for k in SHORT_SIZES if k < 256 - 16 - 2]
+    assert set(range(2, MAX_PROPOSAL + 2)) <= set(engine.pass_check["checked"])  # every verify pass a mode runs
     assert engine.target.max_chunk == MAX_ROWS
     (cached,) = (bundle / "cache").glob("pass-check.target-*.json")
     assert json.loads(cached.read_text()) == engine.pass_check
@@ -99,7 +101,7 @@ def test_int4_passes_are_padded_where_this_cpu_needs_it(tiny_int4_bundle, tmp_pa
     print(isa_summary(), cpu_description(), verdict)
     assert verdict["mismatched"] == [] and verdict["max_rows"] == MAX_ROWS
     assert runner.input_rows == verdict["input_rows"]
-    assert pass_size_mismatches(runner) == (list(range(2, MAX_ROWS + 1)), [])
+    assert pass_size_mismatches(runner)[1] == []
     runner.pad_passes(1)
     unpadded = pass_size_mismatches(runner)[1]
     assert (verdict["input_rows"] == 2) == bool(unpadded)  # padding only where one-row passes disagree

@@ -129,7 +129,7 @@ def test_ead_tau_zero_is_the_large_model(pair):
 
 def test_ead_tau_infinite_is_the_small_model(pair):
     for prompt in PROMPTS:
-        small = pair.generate(prompt, max_new_tokens=40, model="draft")
+        small = pair.generate(prompt, max_new_tokens=40, mode="ar", model="draft")
         ead = pair.generate(prompt, max_new_tokens=40, mode="ead", tau=float("inf"))
         assert ead.token_ids == small.token_ids
         assert ead.stats["ead"]["large_share"] == 0.0 and ead.stats["ead"]["switches"] == 0
@@ -245,7 +245,7 @@ def test_large_model_nll_prefers_its_own_output(pair):
 
     prompt = pair.tokenizer.encode("def f(x):")
     own = pair.generate("def f(x):", max_new_tokens=24).token_ids
-    small = pair.generate("def f(x):", max_new_tokens=24, model="draft").token_ids
+    small = pair.generate("def f(x):", max_new_tokens=24, mode="ar", model="draft").token_ids
     assert mean_nll(pair.target, prompt, own) < mean_nll(pair.target, prompt, small)
 
 
