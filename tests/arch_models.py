@@ -61,6 +61,9 @@ def make_family_dir(path: Path, model_type: str, seed: int = 0, **overrides) -> 
                 weight.normal_(0.0, 0.3)
             else:  # norm gains: around 1, or around 0 for Gemma's (1 + w)
                 weight.add_(torch.randn_like(weight) * 0.2)
+        # Gemma multiplies embeddings by sqrt(hidden): undo it in the table, or the embedding outweighs every
+        # (normed) block output and the model repeats its input token
+        model.model.embed_tokens.weight.div_(getattr(model.model.embed_tokens, "scalar_embed_scale", 1.0))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     write_char_tokenizer(path, tok_json)
