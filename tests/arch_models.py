@@ -27,9 +27,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
                   tie_word_embeddings=True),
     "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW,
                     tie_word_embeddings=True),
-    # half-rotary heads, longrope with an original context of 64 (short factors up to 64 tokens, long beyond)
+    # half-rotary heads, longrope with an original context of 128 (short factors up to 128 tokens, long beyond)
     "phi3": dict(partial_rotary_factor=0.5, sliding_window=WINDOW, tie_word_embeddings=False,
-                 max_position_embeddings=256, original_max_position_embeddings=64, rope_parameters={
+                 max_position_embeddings=512, original_max_position_embeddings=128, rope_parameters={
                      "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.3, 2.1, 3.5],
                      "long_factor": [1.2, 2.5, 5.0, 9.0]}),
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, attn_logit_softcapping=5.0,
