@@ -64,7 +64,7 @@ def greedy(engine: Engine, messages: list[dict]) -> str:
 
 
 def test_two_turns_modes_and_commands(engine, chat):
-    assert "mode staged" in plain(chat.before)  # the default with a draft
+    assert "mode auto" in plain(chat.before)  # the engine's default
     first = [{"role": "user", "content": "hello there"}]
     answer = greedy(engine, first)
     assert answer in ask(chat, "hello there")

@@ -91,7 +91,7 @@ def engine(tiny_pair_bundle):
 
 @pytest.fixture(scope="module")
 def server(engine, slow_mode):
-    running = RunningServer(create_app(engine, MODEL, "staged", max_waiting=1))
+    running = RunningServer(create_app(engine, MODEL, max_waiting=1))
     yield running
     running.close()
 
@@ -118,7 +118,7 @@ def test_non_streaming_chat_equals_greedy_and_counts_usage(engine, client):
     assert r.usage.completion_tokens == len(ref.token_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     extra = r.model_extra["edgespec"]
-    assert extra["mode"] == "staged"  # the server's default
+    assert extra["mode"] == "auto"  # the server's default
     assert "".join(t["text"] for t in extra["tokens"]) == ref.text
     assert {t["origin"] for t in extra["tokens"]} <= set(ORIGINS)
     assert extra["stats"]["completion_tokens"] == len(ref.token_ids)
@@ -149,11 +149,11 @@ def test_completions_endpoint_streamed_and_not(engine, client):
 def test_models_list_and_retrieve(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     card = client.models.retrieve(MODEL)
-    assert card.model_extra["edgespec"]["default_mode"] == "staged"
-    assert set(card.model_extra["edgespec"]["modes"]) >= {"ar", "spec", "staged", "ngram", "ead", "ead-spec"}
+    assert card.model_extra["edgespec"]["default_mode"] == "auto"
+    assert set(card.model_extra["edgespec"]["modes"]) >= {"auto", "ar", "spec", "staged", "ngram", "ead", "ead-spec"}
 
 
-@pytest.mark.parametrize("mode", ["ar", "spec", "staged", "ngram", "ead", "ead-spec"])
+@pytest.mark.parametrize("mode", ["auto", "ar", "spec", "staged", "ngram", "ead", "ead-spec"])
 def test_every_mode_with_its_settings_and_token_origins(engine, client, mode):
     prompt = [{"role": "user", "content": "abc abc abc abc abc abc abc abc"}]
     settings = {"spec": {"k": 2}, "staged": {"depth": 2}, "ead": {"tau": 1.0}}.get(mode, {})
@@ -167,7 +167,7 @@ def test_every_mode_with_its_settings_and_token_origins(engine, client, mode):
     origins = {t["origin"] for t in extra["tokens"]}
     assert origins <= set(ORIGINS)
     assert sum(extra["stats"]["origins"].values()) == r.usage.completion_tokens
-    if mode in ("ar", "spec", "staged", "ngram"):  # lossless: the target's greedy text, no unverified token
+    if mode in ("auto", "ar", "spec", "staged", "ngram"):  # lossless: the target's greedy text, no unverified token
         assert text == greedy(engine, prompt, 60).text and "small" not in origins
     if mode == "ar":
         assert origins == {"target"} and extra["stats"]["tokens_per_target_pass"] == pytest.approx(1.0)
@@ -222,6 +222,9 @@ def test_origin_rules_read_the_counters_the_modes_publish():
     assert steps("ead-spec", ead_spec) == [["small"], ["draft", "draft", "target"]]
     assert steps("ar", [(1, {})], ArSettings(model="draft")) == [["small"]]
     assert steps("ar", [(1, {})], ArSettings()) == [["target"]]
+    assert steps("auto", staged) == [["draft", "draft", "target"], ["ngram", "target"]]
+    tracker = OriginTracker("auto", has_draft=False)  # without a draft its verified steps are n-gram steps
+    assert [tracker(list(range(n)), stats) for n, stats in spec] == [["ngram", "ngram", "target"], ["target"]]
     assert steps("test-unknown", [(2, {})]) == [[None, None]]
 
 
@@ -282,7 +285,7 @@ def test_bad_bodies_get_4xx_in_openais_shape_and_the_server_keeps_serving(server
 
 
 def test_a_mode_the_bundle_cannot_run_is_a_400(tiny_bundle):
-    running = RunningServer(create_app(Engine.load(tiny_bundle), "tiny", "ngram"))
+    running = RunningServer(create_app(Engine.load(tiny_bundle), "tiny"))
     try:
         body = {"model": "tiny", "messages": PROMPT, "edgespec": {"mode": "spec"}}
         status, _, answer = running.request("POST", "/v1/chat/completions", json.dumps(body))
@@ -290,7 +293,7 @@ def test_a_mode_the_bundle_cannot_run_is_a_400(tiny_bundle):
         assert answer["error"]["param"] == "edgespec.mode"
         status, _, answer = running.request("POST", "/v1/chat/completions",
                                             json.dumps({"model": "tiny", "messages": PROMPT, "max_tokens": 3}))
-        assert status == 200 and answer["edgespec"]["mode"] == "ngram"
+        assert status == 200 and answer["edgespec"]["mode"] == "auto"
     finally:
         running.close()
 
@@ -387,7 +390,7 @@ def test_chat_page_in_headless_chromium(engine, server, slow_mode, tmp_path):
             assert answers.nth(0).text_content() == first.text
             expect(page.locator("#legend .tok")).to_have_count(4)
             assert page.locator(".msg.assistant .tok.o-target").count() >= 1
-            assert page.locator("#stat-mode").text_content() == "staged"
+            assert page.locator("#stat-mode").text_content() == "auto"
             assert float(page.locator("#stat-tps").text_content()) > 0
             ask("and then?")  # the page sends the whole conversation
             assert answers.nth(1).text_content() == second.text

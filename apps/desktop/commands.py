@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parsers(sub) -> None:
-    from edgespec.runtime.modes import MODES
+    from edgespec.runtime.modes import DEFAULT_MODE, MODES
 
     serve = sub.add_parser("serve", help="OpenAI-compatible local server with a chat page (extra: serve)")
     serve.add_argument("--bundle", required=True)
@@ -29,9 +29,8 @@ def add_parsers(sub) -> None:
     chat.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                       help="colour each token by the model that wrote it")
     for p in (serve, chat):
-        p.add_argument("--mode", choices=list(MODES),
-                       help="decoding mode (default: staged with a draft, ngram without, ar where a target cannot "
-                            "verify)")
+        p.add_argument("--mode", default=DEFAULT_MODE, choices=list(MODES),
+                       help="decoding mode (default: %(default)s; for the server, the mode of requests that name none)")
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int)
     serve.set_defaults(func=_serve)
@@ -46,8 +45,6 @@ def _serve(args) -> int:
     except ImportError as exc:
         raise ValueError(f"edgespec serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'edgespec[serve]'") from exc
-    from edgespec.apps.desktop.generation import default_mode
-
     if not server.is_loopback(args.host):
         if not args.allow_remote:
             raise ValueError(f"--host {args.host} is reachable from other machines; add --allow-remote to serve "
@@ -57,18 +54,17 @@ def _serve(args) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     engine = Engine.load(args.bundle, device=args.device, threads=args.threads)
-    server.serve(engine, Path(args.bundle).resolve().name, args.host, args.port, args.mode or default_mode(engine),
-                 args.max_queue, args.open)
+    server.serve(engine, Path(args.bundle).resolve().name, args.host, args.port, args.mode, args.max_queue,
+                 args.open)
     return 0
 
 
 def _chat(args) -> int:
-    from edgespec.apps.desktop.generation import default_mode
     from edgespec.apps.desktop.terminal import TerminalChat
     from edgespec.runtime.engine import Engine
 
     engine = Engine.load(args.bundle, device=args.device, threads=args.threads)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    chat = TerminalChat(engine, args.mode or default_mode(engine), sampling, args.max_tokens, args.system, color)
+    chat = TerminalChat(engine, args.mode, sampling, args.max_tokens, args.system, color)
     return chat.run()

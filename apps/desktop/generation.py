@@ -192,7 +192,7 @@ class EngineWorker:
             _emit(job, Finished("", "cancelled", len(job.tokens), 0))
             return "cancelled"
         engine = self.engine
-        tracker = OriginTracker(job.request.mode, job.request.settings)
+        tracker = OriginTracker(job.request.mode, job.request.settings, engine.draft is not None)
         decoder, tokenizer = engine.tokenizer.stream(), engine.tokenizer.tokenizer
         split, live = OriginText(), LiveStats(engine)
         pieces: list[str] = []
@@ -236,16 +236,6 @@ class EngineWorker:
         _emit(job, Finished(result.text, result.finish_reason, len(job.tokens), len(result.token_ids), stats,
                             result.message))
         return "completed"
-
-
-def default_mode(engine: Engine) -> str:
-    """The mode a request gets when it names none: `staged` with a draft, `ngram` without one, and `ar` where the
-    target cannot verify a proposal exactly (an --ar-only export, or this CPU's pass-size check failed)."""
-    if not engine.target_pass_size_invariant:
-        return "ar"
-    if engine.check_pass_sizes()["max_rows"] < 2 and engine.target.fused:
-        return "ar"
-    return "staged" if engine.draft is not None else "ngram"
 
 
 def _emit(job: Job, event: Event) -> None:

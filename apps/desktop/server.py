@@ -33,7 +33,7 @@ from edgespec.apps.desktop.generation import EngineWorker, Event, Failed, Finish
 from edgespec.apps.desktop.schema import ChatCompletionRequest, CompletionRequest, describe
 from edgespec.runtime.decoding import ModeError
 from edgespec.runtime.engine import Engine
-from edgespec.runtime.modes import MODES, make_request
+from edgespec.runtime.modes import DEFAULT_MODE, MODES, make_request
 from edgespec.runtime.origins import ORIGINS
 
 log = logging.getLogger("edgespec.serve")
@@ -59,9 +59,9 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def create_app(engine: Engine, model_id: str, mode: str, max_waiting: int = 8,
+def create_app(engine: Engine, model_id: str, mode: str = DEFAULT_MODE, max_waiting: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The server for one loaded engine, served as `model_id`; `mode` is the default decoding mode."""
+    """The server for one loaded engine, served as `model_id`; `mode` is for requests that name none."""
     worker = EngineWorker(engine, max_waiting)
 
     @asynccontextmanager
