@@ -22,19 +22,20 @@ from edgespec.export.bundle import (
     write_model_graphs,
     write_tokenizer,
 )
-from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DEFAULT_MINUTES, DistillConfig
+from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
 from edgespec.export.errors import ExportError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
                   parity: bool = True, preloaded: dict | None = None, derive_layers: int | None = None,
-                  ngram_tokens: int = 0, distill: DistillConfig | None = None) -> Path:
+                  ngram_tokens: int = 0, distill: DistillConfig | None = None, keep_draft: bool = False) -> Path:
     """Export `target` (and `draft`) into the bundle directory `out`; returns its path.
 
     `preloaded` maps a source string to an already loaded model, so callers exporting one model
     several ways (tests, benchmarks) pay the ~30 s transformers load once. `derive_layers` builds
     the draft from that many of the target's own layers (see export/derive.py), distilled when
-    `distill` gives a budget (export/distill.py).
+    `distill` is given and enabled (export/distill.py). A distilled draft that measures as unable to pay
+    for itself is left out of the bundle, unless `keep_draft`.
     """
     options = options or ExportOptions()
     options.validate()
@@ -81,7 +82,13 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
             _report_parity(tmp, loaded, manifest, options)
             finalize(tmp, manifest)
         if "draft" in loaded:
-            manifest["models"]["draft"]["measured"] = _check_draft(tmp, loaded, derived_info, options)
+            measured = _check_draft(tmp, loaded, derived_info, options)
+            if _drop_draft(measured, derived_info, keep_draft):
+                _remove_draft(tmp, manifest, measured, options)
+            else:
+                if not measured["can_pay"]:
+                    _warn_cannot_pay(measured, options)
+                manifest["models"]["draft"]["measured"] = measured
             finalize(tmp, manifest)
         if ngram_tokens > 0:
             from edgespec.export.ngram_table import build_ngram_table
@@ -117,7 +124,7 @@ def _distillation_text(derived_info: dict | None, distill: DistillConfig | None,
 
 
 def _check_draft(root: Path, loaded: dict, derived_info: dict | None, options: ExportOptions) -> dict:
-    """Agreement (torch, target's greedy path) and cost ratio (exported graphs); warn when speculation cannot pay."""
+    """Agreement (torch, target's greedy path), cost ratio (exported graphs) and whether speculation can pay."""
     from edgespec.export.derive import calibration_tokens, greedy_agreement
     from edgespec.export.draft_check import measure_cost_ratio, speculation_can_pay
 
@@ -127,15 +134,37 @@ def _check_draft(root: Path, loaded: dict, derived_info: dict | None, options: E
         tokens = calibration_tokens(loaded["target"].tokenizer)
         agreement = greedy_agreement(loaded["target"].model, loaded["draft"].model, tokens)[0]
     measured = {"agreement": agreement, **measure_cost_ratio(root)}
+    measured["can_pay"] = speculation_can_pay(agreement, measured["cost_ratio"])
     options.log(f"draft: top-1 agreement with the target {agreement:.1%}, cost per token "
                 f"{measured['cost_ratio']:.2f} of the target's ({measured['draft_pass_ms']:.1f} vs "
                 f"{measured['target_pass_ms']:.1f} ms per pass)")
-    if not speculation_can_pay(agreement, measured["cost_ratio"]):
-        options.log(f"warning: the draft agrees with the target on {agreement:.1%} of tokens but costs "
-                    f"{measured['cost_ratio']:.0%} of a target pass; speculation with it cannot pay "
-                    "(acceptance must exceed the cost ratio). Use --mode ngram, or a better draft "
-                    "(--derive-draft with --distill-minutes).")
     return measured
+
+
+def _warn_cannot_pay(measured: dict, options: ExportOptions) -> None:
+    options.log(f"warning: the draft agrees with the target on {measured['agreement']:.1%} of tokens but costs "
+                f"{measured['cost_ratio']:.0%} of a target pass; speculation with it cannot pay "
+                "(acceptance must exceed the cost ratio). Use --mode ngram, or a better draft "
+                "(--derive-draft, distilled).")
+
+
+def _drop_draft(measured: dict, derived_info: dict | None, keep_draft: bool) -> bool:
+    """Whether the bundle ships without its draft: a distilled draft that cannot pay would slow every speculative
+    generation, while the bundle stays useful without it (`ar`, `ngram`). A draft the user gave, or derived
+    without distillation, is what was asked for: kept, with a warning."""
+    distilled = bool((derived_info or {}).get("distillation"))
+    return distilled and not measured["can_pay"] and not keep_draft
+
+
+def _remove_draft(root: Path, manifest: dict, measured: dict, options: ExportOptions) -> None:
+    """Take the draft's graphs and manifest entry out of the staged bundle, keeping what was measured."""
+    shutil.rmtree(root / "draft", ignore_errors=True)
+    entry = manifest["models"].pop("draft")
+    manifest["draft_dropped"] = {"measured": measured, "source": entry.get("source"),
+                                 "derived": entry.get("extra", {}).get("derived")}
+    options.log(f"draft left out: it agrees with the target on {measured['agreement']:.1%} of tokens at "
+                f"{measured['cost_ratio']:.2f} of a target pass's cost, so speculation with it cannot pay; the bundle "
+                "runs `ar` and `ngram` (--keep-draft keeps it)")
 
 
 def _calibration_for(model, options: ExportOptions):
@@ -176,9 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="derive the draft from the target's own layers (the default for --target default)")
     p.add_argument("--no-draft", action="store_true", help="target only (for --target default: no derived draft)")
     p.add_argument("--draft-layers", type=int, default=6, help="layers kept by --derive-draft")
-    p.add_argument("--distill-minutes", type=float, default=DEFAULT_MINUTES,
-                   help="CPU minutes to distil a derived draft against the target (0: no distillation); "
-                        "the result is cached, so a second export is quick")
+    p.add_argument("--distill-minutes", type=float, default=None,
+                   help="optional cap on the minutes this export spends distilling a derived draft (default: no "
+                        "cap, the fixed corpus and step count however long they take; 0: no distillation); a cap "
+                        "that stops the work early warns, and the next export continues it from the cache")
+    p.add_argument("--distill-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="arithmetic of the distillation (auto: bf16 only where a measured bf16 matmul is clearly "
+                        "faster than fp32's here)")
+    p.add_argument("--keep-draft", action="store_true",
+                   help="keep a distilled draft even when the export measures that speculation with it cannot pay "
+                        "(by default such a bundle ships without it)")
     p.add_argument("--draft-head-tokens", type=int, default=DEFAULT_HEAD_TOKENS,
                    help="a derived draft's LM head keeps the N tokens the target writes most (from the distillation "
                         "corpus; 0: the full vocabulary); lossless, since the target verifies every token")
@@ -204,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _distill_config(args: argparse.Namespace) -> DistillConfig:
+    precision = None if args.distill_precision == "auto" else args.distill_precision
+    return DistillConfig(minutes=args.distill_minutes, head_tokens=args.draft_head_tokens, precision=precision)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -224,12 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if no_draft and (args.draft or args.derive_draft):
             raise ExportError(f"{'--ar-only' if args.ar_only else '--no-draft'} contradicts --draft / --derive-draft")
-        if args.distill_minutes < 0:
+        if args.distill_minutes is not None and args.distill_minutes < 0:
             raise ExportError(f"--distill-minutes must be >= 0, got {args.distill_minutes}")
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
                       derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
-                      distill=DistillConfig(minutes=args.distill_minutes, head_tokens=args.draft_head_tokens)
-                      if derive else None)
+                      distill=_distill_config(args) if derive else None, keep_draft=args.keep_draft)
     except ExportError as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2

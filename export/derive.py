@@ -146,7 +146,7 @@ def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, lo
     if head and not 1 <= head < loaded.spec.vocab_size:  # checked before the budget is spent, not after
         raise ExportError(f"--draft-head-tokens must be in 1..{loaded.spec.vocab_size - 1}, got {head}")
     token_lists = calibration_tokens(loaded.tokenizer)
-    distilling = distill_config is not None and distill_config.minutes > 0
+    distilling = distill_config is not None and distill_config.enabled
     candidates = [distilled_layers(loaded.spec.num_layers, n_layers)] if distilling else \
         candidate_subsets(loaded.spec.num_layers, n_layers)
     results = {}

@@ -1,4 +1,4 @@
-"""Distil a derived draft against its target's own next-token distributions, on the CPU, in a time budget.
+"""Distil a derived draft against its target's own next-token distributions, on the CPU, as a fixed amount of work.
 
 A few of the target's layers keep its embeddings and head but lose what the other layers computed,
 so out of the box such a draft rarely predicts the target's next token. Training only the kept
@@ -6,18 +6,26 @@ layers (and the final norm) to match the target's distributions, on text the tar
 teaches them to stand in for the missing ones; the target's text is exactly what the draft will be
 asked to predict at run time.
 
+The work is fixed (`corpus_tokens` answer tokens, `train_steps` training steps), so the draft is the same
+on a fast machine and a slow one; only the time it takes differs. `minutes` is an optional cap on one
+export's distillation time: when it stops the work early, a warning says how much was done, and the next
+export resumes from the cache. The arithmetic precision is chosen by measuring what this CPU does fast
+(`measured_precision`): bf16 autocast only where a bf16 matmul is clearly faster than fp32's (AVX-512 BF16,
+AMX), fp32 elsewhere, where bf16 runs through slow conversion paths.
+
 Steps, each cached under the user's cache directory and resumable after a kill:
 1. corpus: the target answers a mixed prompt set (one greedy and several sampled answers per
    prompt); the top-k of its log-probabilities at every generated position is kept (the corpus is
    saved after every generation batch);
 2. training: soft cross-entropy of the draft against those top-k distributions (KL up to the
-   target's entropy), bf16 autocast, AdamW with a warm-up and a cosine decay over the time budget;
-   the trainable weights and optimizer moments are checkpointed every `checkpoint_seconds`. With
-   `head_tokens`, the draft is trained through the restricted head it will run with (the tokens the
-   target writes most): its logits cost a sixth of the full head's, so the budget buys more steps;
+   target's entropy), AdamW with a warm-up and a cosine decay over the step count; the trainable
+   weights and optimizer moments are checkpointed every `checkpoint_seconds`. With `head_tokens`, the
+   draft is trained through the restricted head it will run with (the tokens the target writes most):
+   its logits cost a sixth of the full head's, so each step is cheaper;
 3. the distilled weights are stored under a key of the target's weights, the layer choice and the
-   settings, so a second export with the same settings loads them in a second. The corpus has its
-   own key (the target and the generation settings only), so changing a training setting reuses it.
+   settings (precision included), so a second export with the same settings loads them in a second.
+   The corpus has its own key (the target, the precision and the generation settings only), so changing
+   a training setting reuses it.
 Everything is saved with safetensors / npz (no pickle) and written atomically.
 """
 
@@ -30,28 +38,42 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from edgespec.export.distill_prompts import distill_prompts
 from edgespec.export.errors import ExportError
 
-DEFAULT_MINUTES = 15.0
+# The fixed work: what the 15-minute time budget of 2026-12-02 produced on the AMD machine with AVX-512 BF16
+# (139,650 answer tokens, 580 steps; 57.3 % / 34.2 % held-out agreement, docs/drafts.md).
+DEFAULT_CORPUS_TOKENS = 140_000
+DEFAULT_TRAIN_STEPS = 580
 DEFAULT_HEAD_TOKENS = 8192
-CORPUS_GENERATOR = "bf16-gqa-fp32-head"  # how corpus text and labels are computed (CorpusGenerator): part of the keys
+CORPUS_GENERATOR = "gqa-fp32-head"  # how corpus text and labels are computed (CorpusGenerator): part of the keys
 GQA_ATTENTION = "edgespec-gqa"  # the attention CorpusGenerator registers with transformers (gqa_attention)
-TRAINER = "length-pools"  # how training batches are drawn (batch_rows): part of the draft's key, not the corpus's
+TRAINER = "length-pools-steps"  # how training batches and the schedule go (batch_rows, learning_rate): draft key only
+MATMUL_SHAPE = (256, 576, 1536)  # [m, k] @ [k, n]: a batch of rows through SmolLM2's MLP up-projection
+BF16_SPEEDUP = 0.8  # bf16 is chosen only when its matmul takes less than this share of fp32's
+
+Precision = Literal["bf16", "fp32"]
 
 
 @dataclass
 class DistillConfig:
-    """Budget and settings; `minutes` covers corpus generation and training together."""
+    """The fixed work and the settings that shape the draft.
 
-    minutes: float = DEFAULT_MINUTES
-    corpus_share: float = 0.6  # at most this share of the budget goes to generating the corpus
-    corpus_tokens: int = 150_000  # stop generating earlier once this many answer tokens exist
+    `minutes` is a cap on one export's distillation, not a budget: None (the default) does the whole work
+    however long it takes, 0 switches distillation off. `precision` None measures the CPU at start.
+    """
+
+    corpus_tokens: int = DEFAULT_CORPUS_TOKENS  # generate answers until this many answer tokens exist
+    train_steps: int = DEFAULT_TRAIN_STEPS
+    minutes: float | None = None
+    corpus_share: float = 0.6  # under a cap, corpus generation may take at most this share of it
+    precision: Precision | None = None
     new_tokens: int = 128
     samples_per_prompt: int = 16  # sampled answers per prompt, on top of one greedy answer
     temperature: float = 0.8
@@ -63,24 +85,102 @@ class DistillConfig:
     head_tokens: int = 0  # train through a head of this many tokens (chosen from the corpus); 0: the full head
     seed: int = 0
     checkpoint_seconds: float = 60.0
-    max_steps: int | None = None  # also stop after this many steps (reproducible runs for tests and experiments)
     prompts: list[str] = field(default_factory=distill_prompts)
     cache_dir: Path | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.minutes is None or self.minutes > 0
+
+    @property
+    def cap_seconds(self) -> float | None:
+        return None if self.minutes is None else float(self.minutes) * 60.0
+
     def key_fields(self) -> dict:
-        """Settings that change the result (the cache key); the cache location does not."""
+        """Settings that change the result (the cache key).
+
+        Neither the cache location nor the cap: work cut short by a cap is never stored as a finished draft,
+        only as a checkpoint the next export continues, so a capped run and an uncapped one share their work.
+        """
         fields = asdict(self)
-        fields.pop("cache_dir")
-        fields.pop("checkpoint_seconds")
-        fields["minutes"] = float(fields["minutes"])  # 12 and 12.0 are one budget (json writes them apart)
+        for name in ("cache_dir", "checkpoint_seconds", "minutes", "corpus_share"):
+            fields.pop(name)
         fields["generator"] = CORPUS_GENERATOR
         fields["trainer"] = TRAINER
         return fields
 
     def corpus_fields(self) -> dict:
-        """Settings that change the corpus: generation settings and the budget share it may take."""
-        training = ("train_batch", "lr", "warmup", "head_tokens", "max_steps", "trainer")
+        """Settings that change the corpus: the precision and the generation settings."""
+        training = ("train_steps", "train_batch", "lr", "warmup", "head_tokens", "trainer")
         return {k: v for k, v in self.key_fields().items() if k not in training}
+
+    def jobs(self) -> int:
+        """Answers the prompt set can give: a corpus is complete at `corpus_tokens` or when these run out."""
+        return len(self.prompts) * (1 + self.samples_per_prompt)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: Precision
+    bf16_seconds: float
+    fp32_seconds: float
+    threads: int
+    capability: str
+
+
+def matmul_seconds(dtype, shape: tuple[int, int, int] = MATMUL_SHAPE, repeats: int = 3) -> float:
+    """Median seconds of one [m, k] @ [k, n] product in `dtype` on the threads torch will use (after a warm-up)."""
+    import torch
+
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    times = []
+    with torch.no_grad():
+        torch.matmul(a, b)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def choose_precision(bf16_seconds: float, fp32_seconds: float) -> Precision:
+    """bf16 only when it is clearly faster: it rounds the labels and the training, so a tie goes to fp32."""
+    return "bf16" if bf16_seconds < BF16_SPEEDUP * fp32_seconds else "fp32"
+
+
+def measured_precision(log: Callable[[str], None] = print,
+                       timer: Callable[..., float] | None = None) -> PrecisionChoice:
+    """Time a representative matmul in bf16 and fp32 here and pick the faster precision (logged with why).
+
+    Why measure instead of assuming bf16: on CPUs without native bf16 (AVX2, AVX-512 without BF16) torch
+    converts bf16 through slow paths, and a time-budgeted distillation there ran a handful of steps.
+    torch's CPU capability is logged alongside, but it does not say whether its bf16 kernels are fast.
+    """
+    import torch
+
+    timer = timer or matmul_seconds
+    bf16, fp32 = timer(torch.bfloat16), timer(torch.float32)
+    choice = PrecisionChoice(choose_precision(bf16, fp32), bf16, fp32, torch.get_num_threads(),
+                             torch.backends.cpu.get_cpu_capability())
+    m, k, n = MATMUL_SHAPE
+    log(f"distill precision: {choice.precision} (a {m}x{k} @ {k}x{n} matmul took {bf16 * 1e3:.2f} ms in bf16 and "
+        f"{fp32 * 1e3:.2f} ms in fp32 on {choice.threads} threads; torch CPU capability {choice.capability})")
+    return choice
+
+
+def with_precision(config: DistillConfig, log: Callable[[str], None] = print) -> DistillConfig:
+    """`config` with its precision fixed: as given, or measured on this CPU."""
+    if config.precision is not None:
+        if config.precision not in ("bf16", "fp32"):
+            raise ExportError(f"distillation precision must be bf16 or fp32, got {config.precision!r}")
+        return config
+    return replace(config, precision=measured_precision(log).precision)
 
 
 def default_cache_dir() -> Path:
@@ -167,53 +267,74 @@ def _generation_jobs(prompts: list[str], samples: int) -> list[tuple[str, bool]]
     return [(p, True) for p in prompts] + [(p, False) for _ in range(samples) for p in prompts]
 
 
-def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, deadline: float,
-                 log: Callable[[str], None]) -> Corpus:
-    """Generate (or resume generating) the corpus until its token budget or `deadline` (a perf_counter time)."""
-    import torch
+def corpus_complete(corpus: Corpus, config: DistillConfig) -> bool:
+    return corpus.answer_tokens >= config.corpus_tokens or corpus.prompts_done >= config.jobs()
 
+
+def build_corpus(target_model, tokenizer, config: DistillConfig, path: Path, deadline: float | None,
+                 log: Callable[[str], None], clock: Callable[[], float] = time.perf_counter) -> Corpus:
+    """Generate (or resume generating) the corpus until `config.corpus_tokens` answer tokens exist, or until
+    `deadline` (a `clock` time; None: no deadline) when a cap is set."""
+    import torch
+    from tqdm import tqdm
+
+    config = with_precision(config, log)
     corpus = Corpus.load(path) if path.is_file() else Corpus.empty(config.top_k)
     jobs = _generation_jobs(config.prompts, config.samples_per_prompt)
     eos = set(eos_ids(target_model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    start_jobs = corpus.prompts_done
+    start_jobs, start_tokens, t_start = corpus.prompts_done, corpus.answer_tokens, clock()
     generator = None
-    while (corpus.prompts_done < len(jobs) and corpus.answer_tokens < config.corpus_tokens
-           and time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        if generator is None:
-            generator = CorpusGenerator(target_model, config.top_k)
-        batch = jobs[corpus.prompts_done:corpus.prompts_done + config.gen_batch]
-        greedy = batch[0][1]
-        batch = [job for job in batch if job[1] == greedy]  # one decoding rule per generate() call
-        prompt_ids = [_encode(tokenizer, p) for p, _ in batch]
-        width = max(len(x) for x in prompt_ids)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, x in enumerate(prompt_ids):  # left padding: every answer starts at column `width`
-            ids[row, width - len(x):] = torch.tensor(x)
-            mask[row, width - len(x):] = 1
-        torch.manual_seed(config.seed + corpus.prompts_done)
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature,
-                                                         "top_k": 0, "top_p": 1.0}
-        sequences, top_logp, top_ids = generator.generate(ids, mask, config.new_tokens, pad, sampling)
-        seqs, starts, kid, klp = [], [], [], []
-        for row, x in enumerate(prompt_ids):
-            answer = sequences[row, width:].tolist()
-            n = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
-            seqs.append(np.asarray(x + answer[:n], np.int64))
-            starts.append(len(x))
-            kid.append(top_ids[row, :n].numpy().astype(np.int32))
-            klp.append(top_logp[row, :n].numpy().astype(np.float16))
-        corpus.extend(seqs, starts, kid, klp)
-        corpus.prompts_done += len(batch)
-        corpus.seconds += time.perf_counter() - t0
-        corpus.save(path)
-        log(f"distill corpus: {corpus.answer_tokens} answer tokens from {corpus.prompts_done} answers "
-            f"({corpus.seconds:.0f}s)")
+    bar = tqdm(total=config.corpus_tokens, initial=min(corpus.answer_tokens, config.corpus_tokens), unit="tok",
+               desc="distillation corpus", leave=False, disable=None)
+    try:
+        while not corpus_complete(corpus, config) and (deadline is None or clock() < deadline):
+            t0 = clock()
+            if generator is None:
+                generator = CorpusGenerator(target_model, config.top_k, config.precision)
+            batch = jobs[corpus.prompts_done:corpus.prompts_done + config.gen_batch]
+            greedy = batch[0][1]
+            batch = [job for job in batch if job[1] == greedy]  # one decoding rule per generate() call
+            prompt_ids = [_encode(tokenizer, p) for p, _ in batch]
+            width = max(len(x) for x in prompt_ids)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, x in enumerate(prompt_ids):  # left padding: every answer starts at column `width`
+                ids[row, width - len(x):] = torch.tensor(x)
+                mask[row, width - len(x):] = 1
+            torch.manual_seed(config.seed + corpus.prompts_done)
+            sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature,
+                                                             "top_k": 0, "top_p": 1.0}
+            sequences, top_logp, top_ids = generator.generate(ids, mask, config.new_tokens, pad, sampling)
+            seqs, starts, kid, klp = [], [], [], []
+            for row, x in enumerate(prompt_ids):
+                answer = sequences[row, width:].tolist()
+                n = next((j + 1 for j, t in enumerate(answer) if t in eos), len(answer))
+                seqs.append(np.asarray(x + answer[:n], np.int64))
+                starts.append(len(x))
+                kid.append(top_ids[row, :n].numpy().astype(np.int32))
+                klp.append(top_logp[row, :n].numpy().astype(np.float16))
+            corpus.extend(seqs, starts, kid, klp)
+            corpus.prompts_done += len(batch)
+            corpus.seconds += clock() - t0
+            corpus.save(path)
+            bar.update(min(corpus.answer_tokens, config.corpus_tokens) - bar.n)
+            eta = _eta(corpus.answer_tokens - start_tokens, config.corpus_tokens - corpus.answer_tokens,
+                       clock() - t_start)
+            log(f"distill corpus: {corpus.answer_tokens} of {config.corpus_tokens} answer tokens from "
+                f"{corpus.prompts_done} answers ({corpus.seconds:.0f}s{eta})")
+    finally:
+        bar.close()
     if corpus.prompts_done == start_jobs and corpus.answer_tokens:
         log(f"distill corpus: reusing {corpus.answer_tokens} cached answer tokens")
     return corpus
+
+
+def _eta(done: float, left: float, seconds: float) -> str:
+    """', ~N s left' at the rate of this run so far (nothing when there is no rate or nothing left)."""
+    if done <= 0 or left <= 0 or seconds <= 0:
+        return ""
+    return f", ~{left * seconds / done:.0f}s left"
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling: float, **_kwargs):
@@ -248,26 +369,30 @@ def _register_gqa_attention() -> None:
 
 
 class CorpusGenerator:
-    """The target as a fast text generator: bf16 body with grouped-query attention, fp32 LM head, top-k per step.
+    """The target as a fast text generator: its body in the chosen precision with grouped-query attention,
+    an fp32 LM head, and the top-k taken per step.
 
     Why not `generate(output_logits=True)` on the fp32 model under autocast, as before: on our 2-core CPUs
     that ran 145 tokens/s at batch 32; eager attention's GQA key/value repeats and the stored
-    [batch, steps, vocab] logits took most of it. This copy runs 225 tokens/s (278 at batch 60; ~200 over a
-    whole default corpus, against ~125 before), and its labels agree with fp32 teacher forcing at 99.2 % of
-    positions against autocast's 98.4 % (768 sampled positions), because the head, where bf16 rounding
-    moves the argmax most, stays fp32.
+    [batch, steps, vocab] logits took most of it. A bf16 copy runs 225 tokens/s where bf16 is native (278 at
+    batch 60; ~200 over a whole default corpus, against ~125 before), and its labels agree with fp32 teacher
+    forcing at 99.2 % of positions against autocast's 98.4 % (768 sampled positions), because the head, where
+    bf16 rounding moves the argmax most, stays fp32. With `precision="fp32"` (CPUs without fast bf16) the copy
+    stays fp32 and its labels are the fp32 target's.
     The top-k is taken inside a forward hook on the head, so full logits are never kept.
     `gqa_attention` instead of SDPA: 1.09x the answer tokens per second at batch 45 × 64 tokens, 1.17x in a
     one-off at batch 90 × 128 tokens (docs/benchmarks.md, "Distillation corpus generation");
     `attention="sdpa"` is the previous generator, kept for that comparison.
     """
 
-    def __init__(self, target_model, top_k: int, attention: str = GQA_ATTENTION):
+    def __init__(self, target_model, top_k: int, precision: Precision = "bf16", attention: str = GQA_ATTENTION):
         import torch
 
+        if precision not in ("bf16", "fp32"):
+            raise ExportError(f"distillation precision must be bf16 or fp32, got {precision!r}")
         if attention == GQA_ATTENTION:
             _register_gqa_attention()
-        self.model = copy.deepcopy(target_model).to(torch.bfloat16)
+        self.model = copy.deepcopy(target_model).to(torch.bfloat16 if precision == "bf16" else torch.float32)
         self.model.set_attn_implementation(attention)
         head = copy.deepcopy(target_model.get_output_embeddings()).float().requires_grad_(False)  # untied copy
         head.register_forward_pre_hook(lambda _module, args: (args[0].float(),))
@@ -378,11 +503,13 @@ def batch_rows(corpus: Corpus, size: int, step: int, seed: int) -> np.ndarray:
     return batches[rng.permutation(per_epoch)[index]]
 
 
-def distill_loss(student, corpus: Corpus, rows: np.ndarray, head_ids: np.ndarray | None = None):
+def distill_loss(student, corpus: Corpus, rows: np.ndarray, head_ids: np.ndarray | None = None,
+                 precision: Precision = "bf16"):
     """Soft cross-entropy against the target's top-k distribution; also returns top-1 agreement.
 
     With `head_ids` the draft's logits cover only those tokens (as at run time); target tokens outside
-    them carry no loss, since the draft cannot propose them anyway.
+    them carry no loss, since the draft cannot propose them anyway. `precision` "bf16" runs the forward
+    pass under bf16 autocast (CPUs with native bf16), "fp32" without it.
     """
     import torch
 
@@ -397,7 +524,7 @@ def distill_loss(student, corpus: Corpus, rows: np.ndarray, head_ids: np.ndarray
         p = p * torch.from_numpy(listed)
         top_ids = np.where(listed, index, -1)
     top_ids = torch.from_numpy(top_ids)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
         logits = torch.nn.functional.linear(hidden[b_idx, col], weight)  # only where the target's distribution is known
     logq = logits.float().log_softmax(-1)
@@ -407,7 +534,7 @@ def distill_loss(student, corpus: Corpus, rows: np.ndarray, head_ids: np.ndarray
 
 
 def learning_rate(config: DistillConfig, progress: float) -> float:
-    """Linear warm-up, then cosine decay to 0 at the end of the budget (`progress` in [0, 1])."""
+    """Linear warm-up, then cosine decay to 0 at the last step (`progress`: steps done / `train_steps`)."""
     if progress < config.warmup:
         return config.lr * max(progress, 1e-3) / config.warmup
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - config.warmup) / (1.0 - config.warmup))))
@@ -430,51 +557,63 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
-def train(student, corpus: Corpus, config: DistillConfig, seconds: float, checkpoint: Path,
-          log: Callable[[str], None], head_ids: np.ndarray | None = None) -> dict:
-    """Train until `seconds` of training time are spent in total (a checkpoint's time counts)."""
+def train(student, corpus: Corpus, config: DistillConfig, checkpoint: Path, log: Callable[[str], None],
+          head_ids: np.ndarray | None = None, deadline: float | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Train to `config.train_steps` steps (resuming a checkpoint made on this same corpus), or until
+    `deadline` (a `clock` time) when a cap is set.
+
+    The schedule follows steps, not seconds, so a run stopped by a cap is the start of the full run and the
+    next export continues it from the checkpoint.
+    """
     import torch
     from tqdm import tqdm
 
+    config = with_precision(config, log)
     params = trainable_parameters(student)
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
-    state = {"step": 0, "seconds": 0.0, "agreement": None}
+    sequences = len(corpus.starts)
+    state = {"step": 0, "seconds": 0.0, "agreement": None, "corpus_sequences": sequences}
     if checkpoint.is_file():
         tensors, meta = _load_tensors(checkpoint)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors["param/" + name])
-        opt.load_state_dict(_optimizer_state(opt, params, tensors, meta["optimizer_step"]))
-        state = meta["state"]
-        log(f"distill: resuming at step {state['step']} ({state['seconds']:.0f}s trained)")
+        if meta["state"].get("corpus_sequences") == sequences:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(tensors["param/" + name])
+            opt.load_state_dict(_optimizer_state(opt, params, tensors, meta["optimizer_step"]))
+            state = meta["state"]
+            log(f"distill: resuming at step {state['step']} ({state['seconds']:.0f}s trained)")
+        else:  # trained on a shorter corpus, cut by a cap: its batches are not this corpus's
+            log("distill: the corpus grew since the last checkpoint; training from the start")
     student.train()
-    last_save = time.perf_counter()
-    bar = tqdm(total=round(seconds), initial=min(round(state["seconds"]), round(seconds)), unit="s",
+    last_save = t_start = clock()
+    start_step = state["step"]
+    bar = tqdm(total=config.train_steps, initial=min(state["step"], config.train_steps), unit="step",
                desc="distilling draft", leave=False, disable=None)
     try:
-        while state["seconds"] < seconds and state["step"] < (config.max_steps or 1 << 62):
-            t0 = time.perf_counter()
+        while state["step"] < config.train_steps and (deadline is None or clock() < deadline):
+            t0 = clock()
             rows = batch_rows(corpus, config.train_batch, state["step"], config.seed)
-            progress = state["seconds"] / seconds if seconds > 0 else 1.0
-            if config.max_steps:
-                progress = max(progress, state["step"] / config.max_steps)
             for group in opt.param_groups:
-                group["lr"] = learning_rate(config, progress)
-            loss, agree = distill_loss(student, corpus, rows, head_ids)
+                group["lr"] = learning_rate(config, state["step"] / max(config.train_steps, 1))
+            loss, agree = distill_loss(student, corpus, rows, head_ids, config.precision)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
-            dt = time.perf_counter() - t0
             state["step"] += 1
-            state["seconds"] += dt
+            state["seconds"] += clock() - t0
             a = state["agreement"]
             state["agreement"] = agree if a is None else 0.95 * a + 0.05 * agree
-            bar.update(min(round(state["seconds"]), round(seconds)) - bar.n)
+            bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{state['agreement']:.1%}")
-            if time.perf_counter() - last_save > config.checkpoint_seconds:
+            if clock() - last_save > config.checkpoint_seconds:
                 _save_checkpoint(checkpoint, params, opt, state)
-                last_save = time.perf_counter()
+                last_save = clock()
+                if bar.disable:  # no terminal for the bar: a line per checkpoint instead
+                    eta = _eta(state["step"] - start_step, config.train_steps - state["step"], last_save - t_start)
+                    log(f"distill: step {state['step']} of {config.train_steps}, running top-1 agreement "
+                        f"{state['agreement']:.1%}{eta}")
     finally:
         bar.close()
         student.eval()
@@ -510,10 +649,17 @@ def _optimizer_state(opt, params: dict, tensors: dict, step: int) -> dict:
 
 
 def distill(target_model, tokenizer, student, layers: list[int], config: DistillConfig,
-            log: Callable[[str], None] = print) -> dict:
-    """Distil `student` in place (or load the cached result); returns what was done and measured."""
+            log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Distil `student` in place (or load the cached result); returns what was done and measured.
+
+    Only a finished run (the whole corpus, every step) is stored as the cached draft; a run a cap stopped
+    early warns in one line, leaves its corpus and checkpoint for the next export, and returns its partial
+    training (`"complete": False`).
+    """
     import torch
 
+    t_start = clock()
+    config = with_precision(config, log)
     cache = config.cache_dir or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     weights = weights_digest(target_model)
@@ -529,24 +675,34 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
         log(f"distill: loaded cached distilled draft {final}")
         return {**meta["info"], "cache": "hit", "cache_key": key, "corpus_key": corpus_key}
     torch.manual_seed(config.seed)
-    budget = config.minutes * 60.0
-    t_start = time.perf_counter()
-    corpus_path = corpus_file(config, corpus_key)
-    prior = Corpus.load(corpus_path).seconds if corpus_path.is_file() else 0.0
-    corpus = build_corpus(target_model, tokenizer, config, corpus_path,
-                          t_start + max(0.0, budget * config.corpus_share - prior), log)
+    cap = config.cap_seconds
+    corpus = build_corpus(target_model, tokenizer, config, corpus_file(config, corpus_key),
+                          None if cap is None else t_start + cap * config.corpus_share, log, clock)
     if corpus.answer_tokens == 0:
-        raise ExportError("the distillation budget ended before any corpus text was generated; raise --distill-minutes")
-    train_seconds = max(0.0, budget - corpus.seconds)
+        raise ExportError(f"the --distill-minutes cap ({config.minutes:g}) ended before any corpus text was "
+                          "generated; raise it, or leave it out to do the whole distillation")
     checkpoint = cache / f"{key}.ckpt.safetensors"
     head_ids = None
     if config.head_tokens:
         head_ids = draft_head_ids(corpus, target_model, tokenizer, config.head_tokens)
-    state = train(student, corpus, config, train_seconds, checkpoint, log, head_ids)
-    info = {"minutes_budget": config.minutes, "corpus_answer_tokens": corpus.answer_tokens,
+    state = train(student, corpus, config, checkpoint, log, head_ids, None if cap is None else t_start + cap, clock)
+    complete = corpus_complete(corpus, config) and state["step"] >= config.train_steps
+    info = {"precision": config.precision, "corpus_answer_tokens": corpus.answer_tokens,
             "corpus_seconds": round(corpus.seconds, 1), "train_steps": state["step"],
             "train_seconds": round(state["seconds"], 1), "corpus_top1_agreement": state["agreement"],
-            "wall_seconds_this_run": round(time.perf_counter() - t_start, 1)}
+            "complete": complete, "minutes_cap": config.minutes,
+            "wall_seconds_this_run": round(clock() - t_start, 1)}
+    if not complete:
+        log(cut_short_warning(config, corpus.answer_tokens, state["step"]))
+        return {**info, "cache": "partial", "cache_key": key, "corpus_key": corpus_key}
     _save_tensors(final, params, {"info": info})
     checkpoint.unlink(missing_ok=True)  # the final weights supersede it; the corpus stays (head token choice)
     return {**info, "cache": "written", "cache_key": key, "corpus_key": corpus_key}
+
+
+def cut_short_warning(config: DistillConfig, corpus_tokens: int, steps: int) -> str:
+    """The one line that says a cap stopped the distillation before its fixed work was done."""
+    return (f"warning: --distill-minutes {config.minutes:g} cut the distillation short: "
+            f"{min(corpus_tokens, config.corpus_tokens)} of {config.corpus_tokens} corpus answer tokens, "
+            f"{steps} of {config.train_steps} training steps; this draft is weaker than the default's, "
+            "and the next export continues the work from the cache")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import quiet
 
-# Capped by corpus tokens and steps so the result does not depend on how loaded the machine is; `minutes` is
-# only a safety net (a loaded machine once spent 143 s on the first generation batch).
-TINY_DISTILL = {"minutes": 30.0, "corpus_tokens": 6000, "new_tokens": 48, "gen_batch": 32, "train_batch": 16,
-                "lr": 3e-3, "checkpoint_seconds": 2.0, "max_steps": 400}
+# Fixed work (corpus tokens and steps, no time cap), so the result does not depend on how loaded the machine is;
+# fp32 so it does not depend on which precision the machine measures as fast either.
+TINY_DISTILL = {"corpus_tokens": 6000, "new_tokens": 48, "gen_batch": 32, "train_batch": 16, "lr": 3e-3,
+                "checkpoint_seconds": 2.0, "train_steps": 400, "precision": "fp32"}
 
 
 def _config(cache: Path, **overrides):
@@ -122,7 +122,7 @@ print("RESULT", info["distillation"]["train_steps"], info["distillation"]["train
 
 
 def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
-    cfg = {**TINY_DISTILL, "max_steps": 600, "checkpoint_seconds": 1.0}
+    cfg = {**TINY_DISTILL, "train_steps": 600, "checkpoint_seconds": 1.0}
     script = DISTILL_SCRIPT.format(tests=str(Path(__file__).parent), model=tiny_target.source, cache=str(tmp_path),
                                    cfg=cfg)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -145,7 +145,7 @@ def test_killed_distillation_resumes_from_its_checkpoint(tiny_target, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resuming at step {saved['step']}" in out.stdout + out.stderr
     steps = int(next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1])
-    assert steps > saved["step"]
+    assert steps > saved["step"] and steps == cfg["train_steps"], "the resumed run finishes the fixed step count"
     assert list(tmp_path.glob("*.draft.safetensors"))
     assert not list(tmp_path.glob("*.ckpt.safetensors")), "the checkpoint is removed once the final weights exist"
 
@@ -159,9 +159,12 @@ def test_draft_trained_through_a_restricted_head_is_lossless(tiny_target, distil
     from edgespec.runtime.engine import Engine
     from edgespec.runtime.model import UNLISTED
 
+    # keep_draft: on this tiny model a one-row pass costs mostly overhead, so even a good draft may measure as
+    # unable to pay and would be left out (test_a_distilled_draft_that_cannot_pay_is_left_out)
     bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
                            derive_layers=2, distill=_config(distill_cache, head_tokens=64), ngram_tokens=40,
-                           options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True)
+                           options=ExportOptions(quant="fp32", max_context=256, log=quiet), parity=True,
+                           keep_draft=True)
     engine = Engine.load(bundle)
     derived = engine.manifest.raw["models"]["draft"]["extra"]["derived"]
     # the n-gram table also counts the distillation corpus: every trigram context of the target's text is in it
@@ -213,13 +216,150 @@ def test_a_given_draft_that_cannot_pay_is_warned_about(tiny_dir, tmp_path):
     assert warning and "cannot pay" in warning[0]
 
 
-def test_cache_key_does_not_split_an_integer_budget_from_a_float_one():
+def test_cache_key_follows_the_work_and_the_precision_not_the_time_cap():
+    """The key is the work's value, not its spelling, and not the cap: work a cap cut short is never stored as a
+    finished draft, only as a checkpoint that the next export (capped or not) continues."""
     from edgespec.export.distill import DistillConfig, cache_key
 
-    def key(minutes):
-        return cache_key("w", DistillConfig(minutes=minutes).key_fields())
+    def key(**settings):
+        return cache_key("w", DistillConfig(**settings).key_fields())
 
-    assert key(12) == key(12.0) != key(6)
+    assert key(minutes=12) == key(minutes=12.0) == key(minutes=6) == key()
+    assert key(train_steps=580) == key() != key(train_steps=290) != key(corpus_tokens=70_000)
+    assert key(precision="bf16") != key(precision="fp32")  # a corpus and draft made in bf16 are not fp32's
+    corpus = DistillConfig(precision="bf16").corpus_fields()
+    assert "precision" in corpus and "train_steps" not in corpus and "minutes" not in corpus
+
+
+def test_precision_choice_follows_the_measured_speed():
+    """bf16 only when its matmul is clearly faster than fp32's; the real measurement's choice is the rule's."""
+    import torch
+
+    from edgespec.export.distill import choose_precision, measured_precision
+
+    assert choose_precision(bf16_seconds=1.0, fp32_seconds=2.0) == "bf16"
+    assert choose_precision(bf16_seconds=2.0, fp32_seconds=1.0) == "fp32"
+    assert choose_precision(bf16_seconds=0.95, fp32_seconds=1.0) == "fp32", "a near tie goes to fp32"
+    logged: list[str] = []
+    fast_bf16 = measured_precision(logged.append, timer=lambda dtype: 1e-3 if dtype == torch.bfloat16 else 4e-3)
+    slow_bf16 = measured_precision(logged.append, timer=lambda dtype: 4e-2 if dtype == torch.bfloat16 else 1e-3)
+    assert (fast_bf16.precision, slow_bf16.precision) == ("bf16", "fp32")
+    assert "1.00 ms in bf16 and 4.00 ms in fp32" in logged[0] and "capability" in logged[0]
+    real = measured_precision(logged.append)  # this machine's own matmuls
+    assert real.bf16_seconds > 0 and real.fp32_seconds > 0 and real.threads == torch.get_num_threads()
+    assert real.precision == choose_precision(real.bf16_seconds, real.fp32_seconds)
+    assert real.capability == torch.backends.cpu.get_cpu_capability() and real.capability in logged[-1]
+
+
+def _student(tiny_target, layers):
+    from edgespec.export.derive import student_from_layers
+
+    return student_from_layers(tiny_target, layers).model
+
+
+def test_the_tiny_distillation_runs_in_the_precision_the_measurement_picks(tiny_target, tmp_path, monkeypatch):
+    """With precision left to the measurement, the corpus and the training follow the faster matmul, and the two
+    precisions make two corpora (two cache keys)."""
+    import torch
+
+    from edgespec.export import distill as distill_module
+
+    made: list[str] = []
+    generator = distill_module.CorpusGenerator
+
+    def recording_generator(model, top_k, precision):
+        made.append(precision)
+        return generator(model, top_k, precision)
+
+    monkeypatch.setattr(distill_module, "CorpusGenerator", recording_generator)
+    work = {"corpus_tokens": 200, "train_steps": 2, "precision": None}
+    infos = {}
+    for faster in ("bf16", "fp32"):
+        timings = {torch.bfloat16: 1e-3 if faster == "bf16" else 5e-3, torch.float32: 2e-3}
+        monkeypatch.setattr(distill_module, "matmul_seconds", lambda dtype, t=timings: t[dtype])
+        infos[faster] = distill_module.distill(tiny_target.model, tiny_target.tokenizer, _student(tiny_target, [0, 2]),
+                                               [0, 2], _config(tmp_path, **work), log=quiet)
+    assert infos["bf16"]["precision"] == "bf16" and infos["fp32"]["precision"] == "fp32"
+    assert made == ["bf16", "fp32"], "each corpus was generated in the chosen precision"
+    assert infos["bf16"]["corpus_key"] != infos["fp32"]["corpus_key"]
+    assert len(list(tmp_path.glob("*.corpus.npz"))) == 2
+
+
+class SlowClock:
+    """A clock that advances `step` seconds every time it is read: a machine far slower than any real one."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_fixed_work_runs_every_step_however_slow_the_clock_and_a_cap_cuts_it_short_with_a_warning(tiny_target,
+                                                                                                   tmp_path):
+    from edgespec.export.distill import distill
+
+    logged: list[str] = []
+    work = {"corpus_tokens": 300, "train_steps": 7}
+    info = distill(tiny_target.model, tiny_target.tokenizer, _student(tiny_target, [0, 2]), [0, 2],
+                   _config(tmp_path, **work), log=logged.append, clock=SlowClock(600.0))
+    assert info["train_steps"] == 7 and info["complete"] and info["cache"] == "written"
+    assert info["corpus_answer_tokens"] >= 300
+    assert not [line for line in logged if line.startswith("warning")], "no cap: nothing to warn about"
+
+    # a one-minute cap on a clock that reads 5 s later every time: the corpus is cached, training stops early
+    logged.clear()
+    capped = _config(tmp_path, **{**work, "train_steps": 12}, minutes=1)
+    info = distill(tiny_target.model, tiny_target.tokenizer, _student(tiny_target, [0, 2]), [0, 2], capped,
+                   log=logged.append, clock=SlowClock(5.0))
+    assert 0 < info["train_steps"] < 12 and not info["complete"] and info["cache"] == "partial"
+    warnings = [line for line in logged if line.startswith("warning")]
+    assert len(warnings) == 1, logged
+    assert "--distill-minutes 1 cut the distillation short" in warnings[0]
+    assert f"{info['train_steps']} of 12 training steps" in warnings[0] and "of 300 corpus answer tokens" in warnings[0]
+    assert not list(tmp_path.glob(f"{info['cache_key']}.draft.safetensors")), "cut-short work is no finished draft"
+
+    # the next export without the cap continues that work and finishes it
+    logged.clear()
+    done = distill(tiny_target.model, tiny_target.tokenizer, _student(tiny_target, [0, 2]), [0, 2],
+                   _config(tmp_path, **{**work, "train_steps": 12}), log=logged.append)
+    assert f"distill: resuming at step {info['train_steps']}" in "\n".join(logged)
+    assert done["train_steps"] == 12 and done["complete"] and done["cache_key"] == info["cache_key"]
+
+
+def test_a_distilled_draft_that_cannot_pay_is_left_out(tiny_target, tmp_path):
+    """One layer of the tiny model, not trained (0 steps), agrees near chance while costing a large share of a
+    target pass: the bundle ships without it, says so in one line, and still decodes (`ar`, `ngram`)."""
+    from edgespec.export.bundle import ExportOptions
+    from edgespec.export.cli import export_bundle
+    from edgespec.runtime.decoding import ModeError
+    from edgespec.runtime.engine import Engine
+
+    useless = _config(tmp_path / "cache", corpus_tokens=200, train_steps=0)
+    logged: list[str] = []
+    bundle = export_bundle(tiny_target.source, tmp_path / "bundle", preloaded={tiny_target.source: tiny_target},
+                           derive_layers=1, distill=useless, ngram_tokens=40, parity=False,
+                           options=ExportOptions(quant="fp32", max_context=256, log=logged.append))
+    lines = [line for line in logged if line.startswith("draft left out")]
+    assert len(lines) == 1, logged
+    engine = Engine.load(bundle)
+    dropped = engine.manifest.raw["draft_dropped"]["measured"]
+    assert dropped["agreement"] <= dropped["cost_ratio"] and not dropped["can_pay"]
+    assert f"{dropped['agreement']:.1%}" in lines[0] and f"{dropped['cost_ratio']:.2f}" in lines[0]
+    assert engine.draft is None and "draft" not in engine.manifest.raw["models"]
+    assert not (bundle / "draft").exists() and not any(f.startswith("draft/") for f in engine.manifest.files)
+    ar = engine.generate("def add(a, b):", max_new_tokens=24, mode="ar").token_ids
+    assert engine.generate("def add(a, b):", max_new_tokens=24, mode="ngram").token_ids == ar
+    for mode in ("spec", "staged"):
+        with pytest.raises(ModeError, match="needs a bundle with a draft model"):
+            engine.generate("def add(a, b):", max_new_tokens=8, mode=mode)
+
+    kept = export_bundle(tiny_target.source, tmp_path / "kept", preloaded={tiny_target.source: tiny_target},
+                         derive_layers=1, distill=useless, ngram_tokens=0, parity=False, keep_draft=True,
+                         options=ExportOptions(quant="fp32", max_context=256, log=quiet))
+    measured = Engine.load(kept).manifest.raw["models"]["draft"]["measured"]
+    assert not measured["can_pay"], "the same draft, kept on request"
 
 
 def test_training_batches_cover_each_sequence_once_per_epoch_with_little_padding():
