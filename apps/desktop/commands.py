@@ -51,8 +51,8 @@ def _serve(args) -> int:
                              "them (there is no authentication)")
         print(f"warning: serving on {args.host}: anyone who can reach this machine can use the model; "
               "there is no authentication", file=sys.stderr)
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     engine = Engine.load(args.bundle, device=args.device, threads=args.threads)
     server.serve(engine, Path(args.bundle).resolve().name, args.host, args.port, args.mode, args.max_queue,
                  args.open)

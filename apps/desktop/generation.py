@@ -136,6 +136,8 @@ class EngineWorker:
     """The thread that runs every generation of one engine, from a queue of at most `max_waiting` jobs."""
 
     def __init__(self, engine: Engine, max_waiting: int = 8):
+        if max_waiting < 1:  # a queue.Queue of size 0 would have no bound at all
+            raise ValueError(f"at least one request must be able to wait, got max_waiting={max_waiting}")
         self.engine = engine
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_waiting)
         self.running: Job | None = None
