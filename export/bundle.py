@@ -111,8 +111,9 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
         from edgespec.quant.gguf_exact import carry_gguf_blocks
         try:
             model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec)
+            model = _rtn_rest(model, bits, options, info)
             model, embedding = quantize_embedding(model, exact_only=True)
-            return model, {"method": "int4", "accuracy_level": 4, **info, **embedding}
+            return model, {"method": q, **info, **embedding}
         except ExportError as exc:
             options.log(f"note: GGUF blocks not carried over exactly ({exc}); re-quantizing with RTN")
     from edgespec.quant.weight_only import quantize_weight_only
@@ -121,6 +122,20 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
     model, embedding = quantize_embedding(model)
     return model, {"method": q, "weights": "rtn", "bits": bits, "block_size": options.block_size,
                    "lm_head_bits": options.lm_head_bits, "accuracy_level": 4, **embedding}
+
+
+def _rtn_rest(model: onnx.ModelProto, bits: int, options: ExportOptions, info: dict) -> onnx.ModelProto:
+    """RTN-quantize the linears whose GGUF blocks could not be carried (F16, BF16, other block types), noting it."""
+    from edgespec.quant.weight_only import quantize_weight_only, quantized_linear_names
+
+    rest = quantized_linear_names(model)
+    if not rest:
+        return model
+    options.log(f"note: {len(rest)} linears re-quantized with RTN ({info['linears'][rest[0]]['rtn']}, ...)")
+    for name in rest:
+        info["linears"][name]["rtn"] += f"; RTN {options.lm_head_bits if name == 'lm_head' else bits}-bit"
+    return quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4,
+                                lm_head_bits=options.lm_head_bits)
 
 
 def _smoothed_weights(loaded: LoadedModel, rope, options: ExportOptions) -> dict[str, np.ndarray]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.export.architectures import canonical_weights, check_config, family_of, model_spec
-from edgespec.export.errors import ExportError
+from edgespec.export.errors import ExportError, first_line
+from edgespec.export.gguf_source import apply_rope_factors, check_gguf, rope_factors
 from edgespec.export.rope import RopeTable
 from edgespec.export.spec import ModelSpec
 
@@ -76,8 +77,7 @@ def resolve(source: str) -> tuple[str, Path | None, str | None]:
 def load(source: str) -> LoadedModel:
     """Load a source with transformers; errors say what is wrong with the input, not where it broke."""
     kind, path, gguf_name = resolve(source)
-    if kind == "gguf":
-        _check_gguf(path)
+    reader = check_gguf(path) if kind == "gguf" else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -87,40 +87,22 @@ def load(source: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(load_from, **kwargs)
     except Exception as exc:  # transformers raises many types for unreadable configs
-        raise ExportError(f"cannot read the model config of {source}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot read the model config of {source}: {first_line(exc)}") from exc
+    factors = rope_factors(reader) if reader is not None else None
+    if factors is not None:
+        apply_rope_factors(config, factors)
     check_config(config, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(load_from, config=config, dtype=torch.float32,
                                                      attn_implementation="eager", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
     except Exception as exc:
-        raise ExportError(f"cannot load {source}: {_first_line(exc)}") from exc
+        raise ExportError(f"cannot load {source}: {first_line(exc)}") from exc
     model.eval()
     spec, weights = reduce_model(model, config)
     return LoadedModel(name=Path(source).stem if kind != "hub" else source, source=source,
                        gguf_path=path if kind == "gguf" else None, model=model, tokenizer=tokenizer,
                        spec=spec, weights=weights)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _check_gguf(path: Path) -> None:
-    """Open the GGUF with the gguf package first: a truncated file fails here with a clear message."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-    except Exception as exc:
-        raise ExportError(f"{path} is not a readable GGUF file (truncated or corrupt): {_first_line(exc)}") from exc
-    if arch_field is None:
-        raise ExportError(f"{path} has no general.architecture field")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    if arch not in ("llama", "mistral", "qwen2"):
-        raise ExportError(f"unsupported architecture {arch!r} in {path}; edge-export supports llama, mistral, qwen2")
 
 
 def reduce_model(model, config) -> tuple[ModelSpec, dict[str, np.ndarray]]:

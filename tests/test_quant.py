@@ -361,12 +361,13 @@ def test_gguf_exact_logits_match_fp32_of_the_same_weights(gguf_case, tiny, token
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_gguf_exact_refuses_other_block_types(tiny, tmp_path):
-    path = tmp_path / "q5.gguf"
-    deq = write_gguf(path, tiny, dict(GGUF_LAYOUT, ffn_down=("down_proj", Q.Q5_0)))
+def test_gguf_exact_leaves_other_types_to_rtn(tiny, tmp_path):
+    path = tmp_path / "bf16.gguf"
+    deq = write_gguf(path, tiny, dict(GGUF_LAYOUT, ffn_down=("down_proj", Q.BF16)))
     graph = build_decoder(tiny.spec, deq, tiny.rope(MAX_CONTEXT), MAX_CONTEXT)
-    with pytest.raises(UnsupportedGGUFError, match="Q5_0"):
-        carry_gguf_blocks(graph, path, tiny.spec)
+    q, info = carry_gguf_blocks(graph, path, tiny.spec)
+    assert info["linears"]["layers.0.down_proj"] == {"gguf_types": ["BF16"], "rtn": "BF16 blocks are not carried"}
+    assert [n.op_type for n in q.graph.node if n.name == "layers.0.down_proj"] == ["MatMul"]
 
 
 def test_gguf_exact_refuses_a_graph_from_other_weights(gguf_case, fused, tiny):
