@@ -235,9 +235,19 @@ class EngineWorker:
             "mode", "time_to_first_token", "decode_tokens_per_second", "prefill_tokens", "reused_tokens",
             "target_passes", "draft_passes")})
         stats["tokens_per_second"] = result.stats["tokens_per_second"]
+        stats["acceptance_rate"] = _acceptance(result.stats)
         _emit(job, Finished(result.text, result.finish_reason, len(job.tokens), len(result.token_ids), stats,
                             result.message))
         return "completed"
+
+
+def _acceptance(stats: dict) -> float | None:
+    """Accepted over proposed tokens of a whole generation. `staged` (and `auto`, which steps like it) counts the
+    n-gram proposals it verified directly apart from the draft's paths, and adds them to its stats only at the end,
+    so the live figure covers the paths alone."""
+    parts = [stats.get("speculative", {}), stats.get("staged", {}).get("ngram_direct", {})]
+    proposed = sum(part.get("drafted", 0) for part in parts)
+    return sum(part.get("accepted", 0) for part in parts) / proposed if proposed else None
 
 
 def _emit(job: Job, event: Event) -> None:
