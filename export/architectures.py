@@ -91,7 +91,7 @@ def _closest_by_fields(config) -> tuple[str, list[str]]:
     known = {name: set(AutoConfig.for_model(name).to_dict()) for name in FAMILIES}
     name = max(known, key=lambda n: len(fields & known[n]) / len(fields | known[n]))
     extra = sorted(fields - known[name] - {"architectures", "transformers_version", "model_type", "dtype"})
-    return name, [f"config fields {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}" if extra
+    return name, [f"what the config fields {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''} set" if extra
                   else "this model's modeling code"]
 
 

@@ -2,9 +2,9 @@
 
 For each family (tests/arch_models.py sets every feature in the config: sliding windows shorter than the prompt,
 partial rotary, q/k norms, soft-capping, fused projections, layers without RoPE) the fp32 bundle's greedy tokens
-equal torch's (or first differ at a proven top-2 tie), `ngram`, `staged` and `spec` equal `ar`, static NPU graphs
-and tree passes of the derived draft give torch's and the chains' logits, and config features the builder does not
-implement are refused by name.
+equal torch's (or first differ at a proven top-2 tie), `ngram`, `staged`, `spec` and `auto` equal `ar` (`ead` runs),
+static NPU graphs and tree passes of the derived draft give torch's and the chains' logits, and config features the
+builder does not implement are refused by name.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def bundles(family_dirs, loaded, tmp_path_factory) -> dict:
     for name, path in family_dirs.items():
         options = ExportOptions(quant="fp32", max_context=128, log=quiet)  # phi3: its original context, short factors
         out[name] = export_bundle(str(path), root / name, options=options, parity=True, derive_layers=3,
-                                  preloaded={str(path): loaded[name]})
+                                  ngram_tokens=200, preloaded={str(path): loaded[name]})
     return out
 
 
@@ -127,6 +127,8 @@ def test_greedy_tokens_match_torch_and_every_mode_matches_ar(loaded, bundles, fa
     for mode, settings in (("ngram", {}), ("staged", {"depth": 3}), ("spec", {"k": 3}), ("auto", {})):
         result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, mode=mode, **settings)
         assert result.token_ids == got, (family, mode)
+    assert engine.ngram_model is not None  # the bundle's trigram table, from text the model wrote
+    assert len(engine.generate(PROMPT, max_new_tokens=8, mode="ead").token_ids) == 8  # lossy: it runs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -232,14 +234,17 @@ def test_unsupported_config_feature_is_refused_by_name(tmp_path, family, config,
     _assert_refused(_export_cli("--target", str(path), "--out", str(out)), out, needle)
 
 
-def test_unsupported_model_type_names_the_closest_family(tmp_path):
-    model = tmp_path / "moe"
+@pytest.mark.parametrize("config, needle", [
+    ({"model_type": "qwen3_moe"}, "the closest supported family is qwen3, which lacks mixture-of-experts MLP"),
+    ({"model_type": "olmo", "clip_qkv": 8.0}, "which lacks what the config fields clip_qkv set"),  # by config fields
+])
+def test_unsupported_model_type_names_the_closest_family(tmp_path, config, needle):
+    model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 1,
-                                                   "hidden_size": 32, "num_attention_heads": 2}))
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "hidden_size": 32,
+                                                   "num_attention_heads": 2, **config}))
     out = tmp_path / "out"
-    _assert_refused(_export_cli("--target", str(model), "--out", str(out)), out,
-                    "the closest supported family is qwen3, which lacks mixture-of-experts MLP")
+    _assert_refused(_export_cli("--target", str(model), "--out", str(out)), out, needle)
 
 
 def test_list_architectures():
