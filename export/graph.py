@@ -148,8 +148,7 @@ class _AttentionContext:
 
 def _effective_windows(spec: ModelSpec, max_context: int) -> list[int]:
     """A window at least as long as the buffer never hides a slot: such layers attend to everything."""
-    windows = spec.layer_windows or [0] * spec.num_layers
-    return [w if 0 < w < max_context else 0 for w in windows]
+    return [w if 0 < w < max_context else 0 for w in spec.layer_windows]
 
 
 def _rope_const_names(name: str) -> tuple[str, str]:
@@ -231,7 +230,7 @@ def _decoder_layer(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], i
 
 def _qk_order(spec: ModelSpec, i: int) -> np.ndarray | None:
     """The q/k head dim order of layer `i` under partial rotary (export/rope.py `rotary_order`), else None."""
-    name = spec.layer_rope[i] if spec.layer_rope else "default"
+    name = spec.layer_rope[i]
     if name is None or spec.rope[name].rotary_dim == spec.head_dim:
         return None
     return rotary_order(spec.head_dim, spec.rope[name].rotary_dim)
@@ -418,7 +417,7 @@ def _fused_attention(g: _Graph, spec: ModelSpec, i: int, qkv: str, ctx: _Attenti
     p = f"layers.{i}."
     if ctx.qkv_pads is not None:
         qkv = g.op("Pad", [qkv, ctx.qkv_pads], name=p + "attention_pad")
-    rope = spec.layer_rope[i] if spec.layer_rope else "default"
+    rope = spec.layer_rope[i]
     rotary = [ctx.cos[rope], ctx.sin[rope], ctx.positions] if rope else ["", "", ""]
     window = ctx.windows[i]
     attrs = {"local_window_size": window} if window and ctx.causal else {}
@@ -476,7 +475,7 @@ def _static_attention(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray]
     q = g.op("Transpose", [q], perm=[0, 2, 1, 3])
     k = g.op("Transpose", [k], perm=[0, 2, 1, 3])
     v = g.op("Transpose", [g.op("Reshape", [v, p + "kv_heads"])], perm=[0, 2, 1, 3], outputs=[f"new_value.{i}"])
-    rope = spec.layer_rope[i] if spec.layer_rope else "default"
+    rope = spec.layer_rope[i]
     if rope is not None:
         q = _rotate(g, q, ctx.cos[rope], ctx.sin[rope], D // 2, p + "q_rotary")
         k = _rotate(g, k, ctx.cos[rope], ctx.sin[rope], D // 2, p + "k_rotary")

@@ -6,7 +6,7 @@ numpy weights with the canonical names below, so the builder never sees a framew
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from edgespec.export.rope import RopeSpec, RopeTable, rope_table
 
@@ -29,9 +29,9 @@ class ModelSpec:
     bos_token_id: int | None
     eos_token_ids: list[int]
     param_count: int
-    layer_windows: list[int] = field(default_factory=list)  # per layer: sliding-window size in tokens, 0 for none
-    layer_rope: list[str | None] = field(default_factory=list)  # per layer: key into `rope`, None for no RoPE
-    rope: dict[str, RopeSpec] = field(default_factory=dict)
+    layer_windows: list[int]  # per layer: sliding-window size in tokens, 0 for none
+    layer_rope: list[str | None]  # per layer: key into `rope`, None for no RoPE
+    rope: dict[str, RopeSpec]
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma)
     attention_output_bias: bool = False
