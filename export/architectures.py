@@ -34,7 +34,7 @@ class Family:
     attention_softcap: bool = False  # the family's transformers code applies attn_logit_softcapping
 
 
-COMMON = ("grouped-query attention", "RoPE: default, linear, llama3, longrope (from rope_parameters)",
+COMMON = ("grouped-query attention", "RoPE: default, linear, llama3, longrope, yarn (from rope_parameters)",
           "tied or separate LM head", "gated MLP (silu or gelu_pytorch_tanh)")
 FAMILIES = {f.model_type: f for f in (
     Family("llama", "Llama 2, Llama 3.x, SmolLM2, TinyLlama",

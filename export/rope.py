@@ -22,7 +22,7 @@ import numpy as np
 
 from edgespec.export.errors import ExportError
 
-SCALINGS = ("default", "linear", "llama3", "longrope")
+SCALINGS = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 @dataclass
@@ -38,7 +38,10 @@ class RopeSpec:
     original_max_positions: int = 0  # llama3, longrope
     short_factor: list[float] | None = None  # longrope
     long_factor: list[float] | None = None  # longrope
-    attention_factor: float = 1.0  # longrope: cos and sin are multiplied by it
+    attention_factor: float = 1.0  # longrope, yarn: cos and sin are multiplied by it
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 @dataclass
@@ -83,7 +86,28 @@ def rope_from_parameters(params: dict, head_dim: int, max_position_embeddings: i
         spec.factor, spec.attention_factor, spec.original_max_positions = float(factor), float(attention), original
         spec.short_factor = [float(x) for x in params["short_factor"]]
         spec.long_factor = [float(x) for x in params["long_factor"]]
+    elif kind == "yarn":
+        _yarn_parameters(spec, params, max_position_embeddings)
     return spec
+
+
+def _yarn_parameters(spec: RopeSpec, params: dict, max_position_embeddings: int) -> None:
+    """transformers' `_compute_yarn_parameters`: the factor, the attention factor (mscale) and the ramp's betas."""
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor") or max_position_embeddings / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                     if mscale and mscale_all_dim else _yarn_mscale(factor, 1.0))
+    spec.factor, spec.attention_factor, spec.original_max_positions = float(factor), float(attention), original
+    spec.beta_fast = float(params.get("beta_fast") or 32)
+    spec.beta_slow = float(params.get("beta_slow") or 1)
+    spec.truncate = bool(params.get("truncate", True))
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def inverse_frequencies(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, str]:
@@ -94,14 +118,17 @@ def inverse_frequencies(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, s
     if rope.scaling == "longrope":
         long = max_context > rope.original_max_positions  # transformers: long once the sequence passes the original
         factors = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
-        note = (f"longrope: {'long' if long else 'short'} factors, as transformers uses for a sequence of "
-                f"{max_context} tokens (original context {rope.original_max_positions})")
+        note = "" if rope.long_factor == rope.short_factor else (
+            f"longrope: {'long' if long else 'short'} factors, as transformers uses for a sequence of {max_context} "
+            f"tokens (original context {rope.original_max_positions})")
         return np.float32(1.0) / (factors * powers), note
     inv_freq = np.float32(1.0) / powers
     if rope.scaling == "linear":
         return inv_freq / np.float32(rope.factor), ""
     if rope.scaling == "llama3":
         return _llama3(inv_freq, rope), ""
+    if rope.scaling == "yarn":
+        return _yarn(powers, rope), ""
     return inv_freq, ""
 
 
@@ -115,6 +142,25 @@ def _llama3(inv_freq: np.ndarray, rope: RopeSpec) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(powers: np.ndarray, rope: RopeSpec) -> np.ndarray:
+    """YaRN: original frequencies for the fast dims, frequencies divided by the factor for the slow ones, a linear
+    ramp between the dims where `beta_fast` and `beta_slow` rotations fit in the original context."""
+    dim, base = rope.rotary_dim, rope.theta
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation = 1 - ramp
+    interpolated = np.float32(1.0) / (np.float32(rope.factor) * powers)
+    return interpolated * (1 - extrapolation) + (np.float32(1.0) / powers) * extrapolation
 
 
 def rope_table(rope: RopeSpec, head_dim: int, max_context: int) -> RopeTable:

@@ -23,8 +23,10 @@ FAMILY_CONFIGS: dict[str, dict] = {
         "original_max_position_embeddings": 512}),
     "mistral": dict(sliding_window=WINDOW, head_dim=16, tie_word_embeddings=True),
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True),
+    # YaRN as Qwen3 enables it for long contexts, with an original context whose ramp spans a 16-dim head
     "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2, head_dim=16,
-                  tie_word_embeddings=True),
+                  tie_word_embeddings=True, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                             "original_max_position_embeddings": 256}),
     "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW,
                     tie_word_embeddings=True),
     # half-rotary heads, longrope with an original context of 128 (short factors up to 128 tokens, long beyond)

@@ -103,6 +103,7 @@ def test_family_features_are_read_from_the_config(loaded):
     assert specs["smollm3"].layer_windows == [0, WINDOW, 0, WINDOW]
     assert specs["llama"].rope["default"].scaling == "llama3" and specs["llama"].attention_output_bias
     assert specs["phi3"].rope["default"].scaling == "longrope" and specs["phi3"].rope["default"].rotary_dim == 8
+    assert specs["qwen3"].rope["default"].scaling == "yarn" and specs["qwen3"].rope["default"].attention_factor > 1
     gemma = specs["gemma3_text"]
     assert gemma.layer_rope == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
     assert gemma.rope["full_attention"].scaling == "linear" and gemma.rope["sliding_attention"].theta == 10000.0
@@ -224,8 +225,8 @@ def _assert_refused(proc: subprocess.CompletedProcess, out, needle: str) -> None
 
 @pytest.mark.parametrize("family, config, needle", [
     ("gemma3_text", {"attn_logit_softcapping": 50.0}, "unsupported: attention logit soft-capping"),
-    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                   "original_max_position_embeddings": 1024}}, "unsupported: RoPE scaling 'yarn'"),
+    ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}},
+     "unsupported: RoPE scaling 'dynamic'"),
     ("llama", {"mlp_bias": True}, "unsupported: MLP biases"),
 ])
 def test_unsupported_config_feature_is_refused_by_name(tmp_path, family, config, needle):
