@@ -81,3 +81,14 @@ def default_w8a8(default_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_int4(default_model, tmp_path_factory) -> Path:
     return _default_bundle(default_model, tmp_path_factory, "int4")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: torch's threads on a shared CPU spend more on handing work over than on the work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

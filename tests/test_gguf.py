@@ -36,15 +36,7 @@ CASES["Q4_K_M"] = (Q4_K_M, Q.Q4_K)
 NOT_BLOCKS = ("F16", "BF16")  # nothing to carry: int4 re-quantizes them with RTN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: torch's threads on a shared CPU spend more on handing work over than on the work."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(rope_parameters: dict | None = None):
