@@ -80,7 +80,7 @@ def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[n
     start = target.length
     logits = target.forward([tokens[-1]] + proposal)
     p = RowDistributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
-    if rule is not None and rule.sampled:
+    if rule is not None and rule.sampled and proposal:  # an empty path (a full draft buffer) is an ar step
         n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q).reshape(len(proposal), -1),
                                        p, state.rng)
     else:
@@ -198,6 +198,24 @@ class StagedDrafter:
         alone = sum(interpolate(self.curve, min(chunk, own - start)) for start in range(0, own, chunk))
         return alone + interpolate(self.curve, along + tree_rows) - interpolate(self.curve, tree_rows)
 
+    def room(self, lagging: int) -> int:
+        """Tree rows the draft's next pass can hold beside `lagging` catch-up rows: at most its largest pass, and
+        one free slot short of its buffer (a one-row pass writes a padding row's K/V too), so that near the end
+        of the context the tree shrinks instead of the pass overflowing (which ended generation early)."""
+        draft = self.state.draft
+        return min(draft.capacity - 1, draft.max_chunk) - lagging
+
+    def tree(self, pending: int, path: list[int], want: int, rows: int) -> tuple[DraftTree, list[int], list[int]]:
+        """A draft tree of at most `rows` nodes rooted at `pending`: up to `want` chained n-gram guesses after
+        `path` and side branches beside the first; returns it with the guesses and their nodes."""
+        guess = self.drafter.propose(path, max(0, min(want, rows - 1 - self.width)))
+        tree = DraftTree.rooted(pending)
+        chain = tree.add_chain(0, guess)
+        side = min(self.width, rows - len(tree.tokens))
+        for alt in self.drafter.alternatives(path, guess[0] if guess else None, side):
+            tree.add(0, alt)
+        return tree, guess, chain
+
     def path(self, depth: int, sampled: bool = False, reach: int = 0) -> tuple[list[int], list[np.ndarray]]:
         """The draft's continuation of `state.tokens` (draft KV kept in step): its argmax, or drawn from it if
         `sampled`; with sampling settings also the draft's distribution at each token.
@@ -210,23 +228,21 @@ class StagedDrafter:
         q_rows: list[np.ndarray] = []
         pending = tokens[-1]
         first = True
-        while len(path) < depth and draft.capacity > 1:
-            room = min(draft.capacity, draft.max_chunk) - 2 - self.width  # root and side branches fit the pass too
-            guess = self.drafter.propose(path, max(0, min(max(depth, reach - 1) - len(path), room)))
-            tree = DraftTree.rooted(pending)
-            chain = tree.add_chain(0, guess)
-            for alt in self.drafter.alternatives(path, guess[0] if guess else None, self.width):
-                tree.add(0, alt)
-            rows = len(tree.tokens)
+        while len(path) < depth and self.room(0) >= 1:
+            want = max(depth, reach - 1) - len(path)
+            tree, guess, chain = self.tree(pending, path, want, self.room(0))
             lagging: list[int] = []
             if first:
                 first = False
-                self.catch_up_seconds += self.catch_up_price(rows)
-                along = self.lag_split(rows)[1]
+                self.catch_up_seconds += self.catch_up_price(len(tree.tokens))
+                along = self.lag_split(len(tree.tokens))[1]
                 catch_up(draft, tokens, keep_last=1 + along)
                 lagging = tokens[draft.length:len(tokens) - 1]
-                if draft.capacity < len(lagging) + rows:
+                if self.room(len(lagging)) < 1:
                     break
+                if len(tree.tokens) > self.room(len(lagging)):  # near the end of the buffer: a smaller tree
+                    tree, guess, chain = self.tree(pending, path, want, self.room(len(lagging)))
+            rows = len(tree.tokens)
             start = draft.length
             positions, mask = tree.behind(len(lagging), start)
             logits = draft.forward(lagging + tree.tokens, positions=positions, mask=mask, last_rows=rows)[-rows:]
@@ -317,23 +333,35 @@ class StagedStep:
         return False
 
     def _path(self, depth: int, reach: int, draft_cost: float = 0.0) -> tuple[list[int], np.ndarray]:
-        """Verify the draft's path: `depth` tokens, or up to `reach` where the draft confirmed n-gram guesses
-        beyond it, cut where the expected tokens per unit of cost (its draft passes priced in) peak."""
+        """Verify the draft's path: `depth` tokens or, for a deterministic path, up to `reach` where the draft
+        confirmed n-gram guesses beyond it (`_cut`).
+
+        A path drawn from the draft is verified at `depth` tokens, fixed before drawing. Past `depth` a path
+        holds a token only where the draws before it matched n-gram guesses, and a cut among those lengths
+        can keep a token exactly when it matched a guess itself; Leviathan's rule is exact only for tokens
+        verified whatever their value (a token g kept only when drawn is emitted with probability
+        p(g)(2 - q(g)) where p(g) < q(g): docs/speculative.md). A deterministic path (greedy, the draft's
+        argmax) holds no draw, so any cut keeps its rule exact."""
         t0 = time.perf_counter()
         rule = None if self.state.params.greedy else self.rule
+        sampled = rule is not None and rule.sampled
         passes, guessed = self.state.draft.stats.passes, self.stage2.ngram_accepted
-        path, q = self.stage2.path(depth, sampled=rule is not None and rule.sampled, reach=reach)
-        self._count("staged" if self.stage2.ngram_accepted > guessed else "spec")  # no guess held: a draft chain
+        path, q = self.stage2.path(depth, sampled=sampled, reach=depth if sampled else reach)
+        self._count(("staged" if self.stage2.ngram_accepted > guessed else "spec") if path else "ar")
         if len(path) > depth:
-            spent = (self.state.draft.stats.passes - passes) * draft_cost
-            alpha, cost = self.stats.alpha, self.stats.verify_cost
-            k = max(range(depth, len(path) + 1), key=lambda k: expected_tokens(alpha, k) / (spent + cost(k + 1)))
+            k = self._cut(path, depth, (self.state.draft.stats.passes - passes) * draft_cost)
             path, q = path[:k], q[:k]
         self.stats.add_time("draft", time.perf_counter() - t0)
         self.draft_tokens += len(path)
         emitted = _verify(self.state, self.stats, path, q, rule)
         self.state.draft.rollback(min(self.state.draft.length, self.state.target.length))
         return emitted
+
+    def _cut(self, path: list[int], depth: int, spent: float) -> int:
+        """Tokens of a deterministic path longer than `depth` to verify: where the expected tokens per unit of
+        cost peak, `spent` (its draft passes, in target passes) priced in."""
+        alpha, cost = self.stats.alpha, self.stats.verify_cost
+        return max(range(depth, len(path) + 1), key=lambda k: expected_tokens(alpha, k) / (spent + cost(k + 1)))
 
     def publish(self) -> None:
         """Write the staged stats into the result; called once when decoding ends, not per step."""

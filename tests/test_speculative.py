@@ -46,6 +46,29 @@ def test_speculation_stops_at_the_context_end_like_ar(pair, mode, options):
     assert spec.token_ids == ar.token_ids
 
 
+def test_staged_trees_shrink_to_fit_the_end_of_the_context(tiny_pair_bundle):
+    """With an n-gram table the draft's trees carry side branches; near the end of the buffer they used to
+    overflow it, which ended a generation 4 tokens before `ar` ("context full"), and a sampled path that
+    came back empty crashed its verification (a reshape of no draft rows). Every prompt length up to a full
+    buffer now ends where `ar` ends, greedy with `ar`'s tokens."""
+    from edgespec.runtime.ngram import NgramModel
+
+    engine = Engine.load(tiny_pair_bundle)
+    engine.ngram_model = NgramModel.build([engine.tokenizer.encode("abcabdabeabfxyzxyw" * 4)],
+                                          engine.target.vocab_size)
+    engine.tokenizer.eos_token_ids = []  # a sampled end of text would stop a run before the context is full
+    for length in range(engine.max_context - 14, engine.max_context - 1):
+        prompt = "z" * ((length - 3) % 2) + "xyz" + "ab" * ((length - 3) // 2)
+        assert len(engine.prompt_tokens(prompt, chat=False)) == length
+        ar = engine.generate(prompt, max_new_tokens=20)
+        assert length + len(ar.token_ids) == engine.max_context
+        for options in ({}, {"temperature": 0.8, "seed": length, "path_rule": "sample"}):
+            engine.draft.rollback(0)  # the draft lags the whole prompt, as in a new conversation
+            r = engine.generate(prompt, max_new_tokens=20, mode="staged", depth=4, **options)
+            assert length + len(r.token_ids) == engine.max_context, (length, options)
+            assert r.token_ids == ar.token_ids or options
+
+
 def test_staged_reports_both_stages(pair):
     r = pair.generate("ab ab ab ab ab ab ab", max_new_tokens=40, mode="staged", depth=4)
     assert r.stats["draft_passes"] > 0 and r.stats["staged"]["ngram_proposed"] > 0
