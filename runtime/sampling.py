@@ -42,7 +42,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that float32, the logits' precision, holds it as 0: sampling at a
+        temperature approaching 0 approaches the argmax, and dividing by a float32 zero gave NaN rows that
+        always drew the last vocabulary id."""
+        return np.float32(self.temperature) == 0.0
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int] | np.ndarray, penalty: float) -> np.ndarray:
@@ -72,11 +75,13 @@ def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         probs = np.zeros(np.shape(logits))
         np.put_along_axis(probs, np.asarray(logits).argmax(-1)[..., None], 1.0, axis=-1)
         return probs
-    scaled = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
+    scaled = np.asarray(logits, dtype=np.float32)
+    scaled = scaled - scaled.max(-1, keepdims=True)  # before dividing: logits / 1e-38 would overflow to inf - inf
+    with np.errstate(over="ignore"):  # a tiny temperature sends the gaps to -inf, probability 0
+        scaled /= np.float32(params.temperature)
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -params.top_k, axis=-1)[..., -params.top_k][..., None]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled, out=scaled)
     probs /= probs.sum(-1, keepdims=True)
     if params.top_p < 1.0:

@@ -189,6 +189,17 @@ def test_process_logits_top_k_top_p():
     np.testing.assert_array_equal(p, [1, 0, 0, 0])
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-40, 1e-38, 1e-30, 1e-8])
+def test_a_tiny_temperature_samples_the_argmax(engine, temperature):
+    """Temperatures that float32 holds as 0 (below ~7e-46) are greedy; larger tiny ones divide the gaps to the
+    largest logit, so no row overflows to inf - inf. Both used to give NaN rows, which drew the last id."""
+    logits = np.array([[1.0, 50.0, 3.0, -20.0], [7.0, -3.0, 6.5, 7.0 - 1e-5]], np.float32)
+    p = process_logits(logits, SamplingParams(temperature=temperature, top_p=0.9, top_k=3))
+    np.testing.assert_array_equal(p, [[0, 1, 0, 0], [1, 0, 0, 0]])
+    greedy = engine.generate("hello", max_new_tokens=8)
+    assert engine.generate("hello", max_new_tokens=8, temperature=temperature, seed=1).token_ids == greedy.token_ids
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty")])
