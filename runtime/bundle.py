@@ -119,7 +119,7 @@ class Manifest:
         return self.models.get("draft")
 
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        return self.root / inside(self.root, rel, "a bundle file")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -142,6 +142,8 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raw = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{mpath} must hold a JSON object, not a JSON {type(raw).__name__}")
     version = raw.get("schema_version")
     if not isinstance(version, int):
         raise SchemaVersionError(f"{mpath} has no integer schema_version")
@@ -151,20 +153,78 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     if version < 1:
         raise SchemaVersionError(f"bundle schema version {version} is not a known version")
     try:
+        check_files(root, raw)
         models = {role: ModelInfo(role=role, spec=m["spec"], quantization=m["quantization"],
                                   graphs={k: GraphInfo.from_json(g) for k, g in m["graphs"].items()},
                                   extra=m.get("extra", {}),
                                   head_ids=_head_ids(root, m.get("head_ids"), m["spec"]["vocab_size"]))
                   for role, m in raw["models"].items()}
-        manifest = Manifest(root=root, max_context=int(raw["max_context"]), tokenizer=raw["tokenizer"],
+        manifest = Manifest(root=root, max_context=_max_context(raw), tokenizer=raw["tokenizer"],
                             models=models, files=raw["files"], raw=raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{mpath} is missing or has a malformed field: {exc}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{mpath} is missing or has a malformed field: {exc!r}") from exc
     if "target" not in models:
         raise BundleError(f"{mpath} has no target model")
     if verify:
         verify_files(manifest)
     return manifest
+
+
+def inside(root: Path, rel: object, what: str) -> str:
+    """`rel`, if it names a path inside the bundle folder: a manifest naming `../../x.onnx`, an absolute path or
+    a symbolic link leading out of the folder is refused before anything is opened."""
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"{what} must be a path relative to the bundle folder, got {rel!r}")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts \
+            or not (root / rel).resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{what} {rel!r} points outside the bundle folder {root}")
+    return rel
+
+
+def check_files(root: Path, raw: dict) -> None:
+    """Every path the manifest names stays inside the bundle, and every file it reads is one of `files`, whose
+    checksums are verified: a graph missing from `files` would otherwise reach onnxruntime unverified."""
+    files = raw["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError("the manifest's files must map each file to its sha256")
+    for rel in files:
+        inside(root, rel, "a file in the manifest's files")
+    for rel, what in _read_files(raw).items():
+        inside(root, rel, what)
+        if rel not in files:
+            raise BundleError(f"{what} {rel!r} is not in the manifest's files, so its checksum cannot be verified; "
+                              "re-export the bundle")
+
+
+def _read_files(raw: dict) -> dict[str, str]:
+    """The files a runtime reads, by what each is."""
+    named = {raw["tokenizer"]["file"]: "the tokenizer"}
+    for role, model in raw["models"].items():
+        for name, graph in model["graphs"].items():
+            named[graph["file"]] = f"the {role} graph {name!r}"
+            if graph.get("data_file"):
+                named[graph["data_file"]] = f"the {role} graph {name!r}'s weights"
+        if model.get("head_ids"):
+            named[model["head_ids"]] = f"the {role}'s head token ids"
+    if raw.get("ngram"):
+        named[raw["ngram"]["file"]] = "the n-gram table"
+    return named
+
+
+def _max_context(raw: dict) -> int:
+    """The KV buffer's slots: an integer of at least 2 (a prompt token and a new one) that the graphs' own
+    K/V inputs, as the manifest records them, agree with (the runtime allocates the whole buffer up front)."""
+    value = raw["max_context"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise BundleError(f"max_context must be an integer >= 2, got {value!r}")
+    for role, model in raw["models"].items():
+        for name, graph in model["graphs"].items():
+            for item in graph["inputs"]:
+                shape = item.get("shape") if item.get("name", "").startswith("past_key") else None
+                if shape and len(shape) == 4 and isinstance(shape[2], int) and shape[2] != value:
+                    raise BundleError(f"max_context is {value} but the {role} graph {name!r} holds K/V for "
+                                      f"{shape[2]} tokens")
+    return value
 
 
 def verify_files(manifest: Manifest) -> None:
@@ -183,7 +243,7 @@ def _head_ids(root: Path, rel: str | None, vocab_size: int) -> np.ndarray | None
     if rel is None:
         return None
     try:
-        ids = np.load(root / rel, allow_pickle=False)
+        ids = np.load(root / inside(root, rel, "the head token ids"), allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read the draft's head token ids {rel}: {exc}") from exc
     if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= vocab_size or np.any(np.diff(ids) <= 0):

@@ -68,9 +68,12 @@ def _generate(args) -> int:
     request = _request(args)
     if args.prompt_file:
         try:
-            prompt = Path(args.prompt_file).read_text()
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read --prompt-file: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompt-file is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset "
+                             f"{exc.start}") from None
     else:
         prompt = args.prompt
     engine = Engine.load(args.bundle, device=args.device, threads=args.threads, strict=args.strict_device)
@@ -126,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         return args.func(args)
-    except (BundleError, SamplingError, DevicePlacementError, ValueError) as exc:
-        print(f"edgespec: error: {exc}", file=sys.stderr)
+    except (BundleError, SamplingError, DevicePlacementError, ValueError, OSError) as exc:
+        print(f"edgespec: error: {exc}", file=sys.stderr)  # OSError: e.g. a bundle file it may not read
         return 2
     except KeyboardInterrupt:
         return 130

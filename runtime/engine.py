@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -21,9 +20,6 @@ from edgespec.runtime.modes import DEFAULT_MODE, MODES, Mode, Request, get_mode,
 from edgespec.runtime.text import BundleTokenizer, TextOut
 
 __all__ = ["MODES", "ChatSession", "Engine", "GenerationResult", "ModeError", "PromptError", "register_mode"]
-
-log = logging.getLogger("edgespec.runtime")
-
 
 class PromptError(ValueError):
     """The prompt is empty or does not fit in the bundle's context."""
@@ -94,12 +90,12 @@ class Engine:
         return self.manifest.max_context
 
     def prompt_tokens(self, prompt: str | list[dict], chat: bool) -> list[int]:
+        """Token ids of a prompt (wrapped in the chat template when `chat`) or of a list of chat messages."""
         if isinstance(prompt, list):
             if not prompt:
                 raise PromptError("the conversation has no messages")
-            return self.tokenizer.encode(self.tokenizer.render_chat(prompt))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise PromptError("the prompt is empty")
+            return self.tokenizer.encode(self.tokenizer.render_chat(check_messages(prompt)))
+        check_text(prompt, "the prompt")
         if chat:
             return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": prompt}]))
         return self.tokenizer.encode(prompt)
@@ -162,10 +158,6 @@ class Engine:
             self.pass_check = cached_pass_check(self.target, self.manifest.root / CACHE_DIR, key)
             if self.target.fused:
                 self.target.max_chunk = min(self.target.max_chunk, MAX_ROWS, max(1, self.pass_check["max_rows"]))
-            elif self.pass_check["mismatched"]:
-                log.warning("this bundle's static target graphs compute a row apart in %d-row and one-row passes "
-                            "on this machine: speculative modes match mode='ar' only up to rounding at near-ties",
-                            min(self.pass_check["mismatched"]))
         return self.pass_check
 
     def _cache_key(self, role: str) -> str:
@@ -212,8 +204,7 @@ class ChatSession:
     def send(self, content: str, max_new_tokens: int = 256, mode: str = DEFAULT_MODE, **settings) -> GenerationResult:
         """Add a user turn, generate the assistant turn, and keep both in the history (`settings`: as for
         `Engine.generate`)."""
-        if not content.strip():
-            raise PromptError("the message is empty")
+        check_text(content, "the message")
         request = make_request(mode, settings)
         messages = self.messages + [{"role": "user", "content": content}]
         tokens = self.engine.tokenizer.encode(self.engine.tokenizer.render_chat(messages))
@@ -290,6 +281,32 @@ class ChatSession:
         return "length", ""
 
 
+def check_text(text: object, what: str, empty: bool = False) -> None:
+    """A prompt is a str (non-empty unless `empty`) that UTF-8 can encode. bytes are refused by name rather than
+    reported empty; a str holding surrogates (the command line turns bytes that are not UTF-8 into them) is
+    refused here instead of failing inside the tokenizer."""
+    if not isinstance(text, str):
+        hint = ": decode it first, e.g. text.decode('utf-8')" if isinstance(text, bytes | bytearray) else ""
+        raise PromptError(f"{what} must be a str, got {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        found = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise PromptError(f"{what} is not valid UTF-8 text: character {exc.start} is {found}") from None
+    if not empty and not text.strip():
+        raise PromptError(f"{what} is empty")
+
+
+def check_messages(messages: list) -> list[dict]:
+    """Chat messages: dicts whose role and content are text (a template would fail on anything else)."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise PromptError(f"message {i} must be a dict with a str 'role' and 'content', got {message!r:.80}")
+        check_text(message.get("content"), f"the content of message {i}", empty=True)
+    return messages
+
+
 def prepare(engine: Engine, name: str, tokens: list[int], max_new_tokens: int) -> Mode:
     """Check a generation against the bundle and this machine before anything runs; returns its mode."""
     mode = get_mode(name)
@@ -305,12 +322,24 @@ def prepare(engine: Engine, name: str, tokens: list[int], max_new_tokens: int) -
         raise PromptError(f"the prompt has {len(tokens)} tokens but the bundle's context holds "
                           f"{engine.max_context} (prompt plus at least one new token)")
     if engine.target_pass_size_invariant:
-        check = engine.check_pass_sizes()
-        if mode.lossless and check["max_rows"] < 2 and engine.target.fused:
-            raise ModeError(f'mode="{name}" cannot reproduce mode="ar" on this machine: onnxruntime computes '
-                            f'the target\'s rows differently in a {min(check["mismatched"])}-row pass than one '
-                            'row at a time (checked once, kept in the bundle\'s cache/). Use mode="ar"')
+        engine.check_pass_sizes()
+        if mode.lossless and not engine.exact_passes:
+            raise ModeError(_inexact(engine, name))
     return mode
+
+
+def _inexact(engine: Engine, name: str) -> str:
+    """Why a lossless mode cannot run on this machine, and what the user can do instead."""
+    size = min(engine.pass_check["mismatched"])
+    if engine.target.fused:
+        why = f"onnxruntime computes the target's rows differently in a {size}-row pass than one row at a time"
+        other = ""
+    else:  # capping passes cannot help: one-row and k-row passes run through different fixed-shape graphs
+        why = (f"this bundle's static-shape (NPU) target graphs compute a row differently in a {size}-row pass "
+               "than in a one-row pass")
+        other = ", or a bundle exported without --device npu (one fused graph, whose passes agree)"
+    return (f'mode="{name}" cannot reproduce mode="ar" on this machine: {why} (checked once, kept in the '
+            f'bundle\'s cache/). Use mode="ar", or mode="auto", which runs ar steps here{other}')
 
 
 class Clock:
@@ -352,8 +381,6 @@ def generation_stats(engine: Engine, mode: Mode, name: str, state: DecodeState, 
         "kv_buffer_bytes": engine.target.kv_bytes + (engine.draft.kv_bytes if engine.draft else 0),
         "peak_rss_bytes": _peak_rss(),
     })
-    if mode.lossless and engine.pass_check is not None:  # False: equal to `ar` only up to rounding
-        stats["pass_size_invariant"] = not engine.pass_check["mismatched"]
     add_ar_ratio(stats, decode_time if n > 1 else None, n - 1, engine.cost_curves.get("target"))
     return stats
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgespec.runtime.bundle import CACHE_DIR, GraphInfo, Manifest, ModelInfo
+from edgespec.runtime.bundle import CACHE_DIR, BundleError, GraphInfo, Manifest, ModelInfo
 
 UNLISTED = -1e30  # logit of a token outside a restricted draft head
 
@@ -135,13 +135,54 @@ def open_graph_session(manifest: Manifest, graph_file: str, config: SessionConfi
             info["cache"] = "written"
         except Exception:  # e.g. an optimized graph over protobuf's 2 GB limit: run without a cache
             tmp.unlink(missing_ok=True)
-            so = config.session_options()
-            sess = ort.InferenceSession(str(source), so, providers=providers)
+            sess = _session(source, graph_file, config.session_options(), providers)
     else:
-        sess = ort.InferenceSession(str(source), so, providers=providers)
+        sess = _session(source, graph_file, so, providers)
     info["load_seconds"] = time.perf_counter() - t0
     info["providers"] = sess.get_providers()
     return sess, info
+
+
+def _session(source: Path, graph_file: str, so: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """An onnxruntime session over `source`; a graph onnxruntime cannot read (truncated, not ONNX, its weights
+    missing) is a BundleError naming the file, not onnxruntime's own exception type."""
+    try:
+        return ort.InferenceSession(str(source), so, providers=providers)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"onnxruntime cannot open {graph_file}: {first}") from exc
+
+
+def check_interface(info: ModelInfo, max_context: int, sessions: list[tuple[GraphInfo, ort.InferenceSession]]) -> None:
+    """Each graph takes the K/V buffer and gives the logits the manifest describes. A manifest whose shapes
+    disagree with its graphs (another model's manifest, an edited max_context) is refused here, before the
+    buffer is allocated, instead of failing inside onnxruntime at the first pass."""
+    kv = [1, info.num_kv_heads, max_context, info.head_dim]
+    names = {f"past_{kind}.{layer}" for layer in range(info.num_layers) for kind in ("key", "value")}
+    columns = info.vocab_size if info.head_ids is None else len(info.head_ids)
+    for graph, session in sessions:
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        found = {name for name in inputs if name.startswith(("past_key.", "past_value."))}
+        if found != names:
+            raise BundleError(f"{graph.file} takes K/V for {len(found) // 2} layers but the manifest's {info.role} "
+                              f"has {info.num_layers}: the manifest does not describe this graph")
+        for name in sorted(names):
+            if not _fits(inputs[name], kv):
+                raise BundleError(f"{graph.file} takes {name} of shape {inputs[name]} but the manifest describes "
+                                  f"{kv} (max_context {max_context}): the manifest does not describe this graph")
+        logits = next((o.shape for o in session.get_outputs() if o.name == "logits"), None)
+        if logits is None or not _fits(logits[-1:], [columns]):
+            raise BundleError(f"{graph.file} gives logits of shape {logits} but the manifest's {info.role} has "
+                              f"{columns} of them per row: the manifest does not describe this graph")
+
+
+def _fits(shape: list, wanted: list[int]) -> bool:
+    """A graph's declared shape matches `wanted` wherever it names a fixed size (symbolic sizes match anything)."""
+    if len(shape) != len(wanted):
+        return False
+    return all(not isinstance(d, int) or d == w for d, w in zip(shape, wanted, strict=True))
 
 
 class _StepInputs:
@@ -191,6 +232,7 @@ class ModelRunner:
 
     def __init__(self, info: ModelInfo, max_context: int, sessions: list[tuple[GraphInfo, ort.InferenceSession]],
                  max_chunk: int = 128, load_info: dict | None = None, min_rows: int = 2):
+        check_interface(info, max_context, sessions)
         self.info = info
         self.role = info.role
         self.max_context = max_context

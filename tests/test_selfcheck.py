@@ -116,11 +116,10 @@ def test_int4_passes_are_padded_where_this_cpu_needs_it(tiny_int4_bundle, tmp_pa
     assert engine.target.input_rows == verdict["input_rows"]
 
 
-def test_a_static_shape_target_is_checked_reported_and_not_capped(tiny_dir, tmp_path, caplog):
+def test_a_static_shape_target_is_checked_and_refused_for_lossless_modes_where_it_fails(tiny_dir, tmp_path):
     """NPU bundles run a one-token pass and a k-token pass through different fixed-shape graphs, so rounding
-    may differ between them (it does on our CPUs); capping cannot remove that, so it is reported instead."""
-    import logging
-
+    may differ between them (it does on our CPUs) and capping cannot remove that. Where the check finds it, the
+    lossless modes refuse (saying what to use instead) and `auto` runs ar steps; where it passes, they equal `ar`."""
     from conftest import quiet
 
     from edgespec.export.bundle import ExportOptions
@@ -129,13 +128,18 @@ def test_a_static_shape_target_is_checked_reported_and_not_capped(tiny_dir, tmp_
     options = ExportOptions(quant="fp32", device="npu", static_chunk=8, max_context=128, log=quiet)
     bundle = export_bundle(str(tiny_dir), tmp_path / "npu", derive_layers=1, parity=False, options=options)
     engine = Engine.load(bundle, device="cpu")
-    with caplog.at_level(logging.WARNING, logger="edgespec.runtime"):
-        ar = engine.generate("def f(x):", max_new_tokens=20)
+    ar = engine.generate("def f(x):", max_new_tokens=20, mode="ar")
     check = engine.pass_check
     assert not engine.target.fused and engine.target.max_chunk == 8
     assert check["checked"] == list(range(2, min(check["mismatched"] or [8]) + 1))
-    warned = [r for r in caplog.records if "static target graphs" in r.getMessage()]
-    assert len(warned) == (1 if check["mismatched"] else 0)
-    staged = engine.generate("def f(x):", max_new_tokens=20, mode="staged")
-    assert staged.stats["pass_size_invariant"] == (not check["mismatched"])
-    assert staged.token_ids == ar.token_ids  # equal here: no near-tie in these 20 tokens
+    auto = engine.generate("def f(x):", max_new_tokens=20)
+    assert auto.token_ids == ar.token_ids
+    if check["mismatched"]:
+        assert not engine.exact_passes
+        for mode in ("spec", "staged", "ngram", "ead-spec"):
+            with pytest.raises(ModeError, match=r'cannot reproduce.*static-shape \(NPU\).*mode="auto"'):
+                engine.generate("def f(x):", max_new_tokens=20, mode=mode)
+        assert set(auto.stats["auto"]["steps_by_kind"]) == {"ar"} and "pass-size check" in auto.stats["auto"]["why_ar"]
+    else:
+        assert engine.exact_passes
+        assert engine.generate("def f(x):", max_new_tokens=20, mode="staged").token_ids == ar.token_ids
