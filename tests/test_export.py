@@ -236,8 +236,9 @@ def test_default_fp32_greedy_matches_torch(default_model, default_fp32):
 
 @pytest.mark.slow
 def test_default_quantized_parity(default_int8, default_int4):
-    """int8 agrees with fp32 on >= 90% of teacher-forced positions; int4's agreement is reported."""
-    for bundle, floor in ((default_int8, 0.9), (default_int4, 0.0)):
+    """int8 and int4 agree with torch fp32 on >= 90% of teacher-forced positions (int4 GGUF-exact measured 96.2 %,
+    154 of 160, in bench/.work's --ar-only export of the default model)."""
+    for bundle, floor in ((default_int8, 0.9), (default_int4, 0.9)):
         manifest = load_manifest(bundle, verify=True)
         parity = manifest.raw["models"]["target"]["graphs"]["fused"]["parity"]
         print(bundle.name, parity, manifest.target.quantization)

@@ -46,10 +46,35 @@ def test_ngram_table_round_trip_and_corruption(tmp_path):
     model.save(path)
     loaded = NgramModel.load(path)
     assert loaded.next_distribution([1, 2], 3) == model.next_distribution([1, 2], 3)
-    assert b"pickle" not in path.read_bytes()[:200]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="n-gram"):
         NgramModel.load(path)
+
+
+def test_an_ngram_table_holding_pickled_objects_is_refused_unread(tmp_path):
+    """The table is plain arrays, loaded without pickle: a file whose arrays need unpickling (code can run while
+    unpickling) is an error before any of it is unpickled."""
+    model = NgramModel.build([[1, 2, 3, 1, 2, 4] * 3], vocab_size=8)
+    arrays = {k: v for k, v in model.__dict__.items() if isinstance(v, np.ndarray)}
+    arrays["uni_tokens"] = np.array([_Unpickled(), 1], dtype=object)
+    path = tmp_path / "ngram.npz"
+    np.savez(path, vocab_size=np.array(8), **arrays)
+    _Unpickled.loaded = 0
+    with pytest.raises(ValueError, match="n-gram"):
+        NgramModel.load(path)
+    assert _Unpickled.loaded == 0
+
+
+class _Unpickled:
+    """Counts how often an instance is unpickled."""
+
+    loaded = 0
+
+    def __init__(self) -> None:
+        self.state = "pickled"
+
+    def __setstate__(self, state) -> None:
+        _Unpickled.loaded += 1
 
 
 def test_drafter_chains_lookup_then_table():

@@ -76,14 +76,19 @@ def test_staged_reports_both_stages(pair):
     assert r.stats["speculative"]["leviathan_implied_speedup"] > 0
 
 
-def test_ngram_mode_speeds_up_repetition(pair):
-    """On text the context lookup can predict, ngram commits several tokens per target pass."""
-    prompt = "abcdefgh " * 6 + "abcd"
+def test_ngram_mode_speeds_up_repetition(pair, monkeypatch):
+    """On text the n-gram drafter can predict, ngram commits several tokens per target pass: here the bundle's
+    trigram table holds the model's own greedy text, as an export builds it from text the model generates."""
+    from edgespec.runtime.ngram import NgramModel
+
+    prompt = "abcdefgh " * 3 + "abcd"
     ar = pair.generate(prompt, max_new_tokens=40)
+    assert len(ar.token_ids) > 20
+    table = NgramModel.build([pair.prompt_tokens(prompt, chat=False) + ar.token_ids], pair.target.vocab_size)
+    monkeypatch.setattr(pair, "ngram_model", table)
     r = pair.generate(prompt, max_new_tokens=40, mode="ngram", k=6)
     assert r.token_ids == ar.token_ids
-    if ar.text.startswith("efgh"):
-        assert r.stats["speculative"]["tokens_per_target_pass"] > 1.5
+    assert r.stats["speculative"]["tokens_per_target_pass"] > 2 and 2 * r.stats["target_passes"] < len(ar.token_ids)
     # decode tok/s counts the tokens after the first step's, which may be several here
     first = r.stats["first_chunk_tokens"]
     assert ar.stats["first_chunk_tokens"] == 1 and 1 <= first <= len(r.token_ids)
@@ -132,7 +137,7 @@ def test_spec_stats_are_consistent(pair):
     assert s["steps"] == sum(s["accepted_histogram"].values())
     assert sum(n * c for n, c in s["accepted_histogram"].items()) >= len(r.token_ids)
     assert 0.0 <= s["acceptance_rate"] <= 1.0
-    assert s["drafted"] == 3 * s["steps"] or r.finish_reason == "length"
+    assert s["drafted"] == 3 * s["steps"]  # far from the end of the context every step drafts k
 
 
 def test_modes_needing_a_draft_say_so(tiny_bundle):

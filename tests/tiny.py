@@ -31,11 +31,26 @@ def make_tokenizer_json(chars: str) -> dict:
     return json.loads(tok.to_str())
 
 
+def make_byte_level_tokenizer_json(texts: list[str], vocab_size: int = 300) -> dict:
+    """A byte-level BPE tokenizer (as GPT-2's and SmolLM2's) trained on `texts`, plus the three special tokens:
+    characters it saw no merges for take one token per UTF-8 byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return json.loads(tok.to_str())
+
+
 def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, hidden: int = 64,
                         heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
                         tie: bool = True, architecture: str = "llama", init_std: float | None = 0.3,
-                        embed_scale: float = 1.0) -> Path:
-    """Save a random llama-style model with a char tokenizer and a ChatML template to `path`.
+                        embed_scale: float = 1.0, tokenizer: dict | None = None) -> Path:
+    """Save a random llama-style model with a char tokenizer (or `tokenizer`, a tokenizer.json's content) and a
+    ChatML template to `path`.
 
     `init_std=None` keeps transformers' initialisation (small activations, as quantizers like);
     the default 0.3 gives varied greedy text for decoding tests.
@@ -44,7 +59,7 @@ def make_tiny_model_dir(path: Path, chars: str | None = None, layers: int = 2, h
     from transformers import AutoConfig, AutoModelForCausalLM
 
     chars = chars if chars is not None else string.ascii_letters + string.digits + " \n.,:;()[]=+-*/_'\"#"
-    tok_json = make_tokenizer_json(chars)
+    tok_json = tokenizer or make_tokenizer_json(chars)
     vocab_size = len(tok_json["model"]["vocab"])
     path.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.for_model(
