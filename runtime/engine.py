@@ -94,10 +94,10 @@ class Engine:
         if isinstance(prompt, list):
             if not prompt:
                 raise PromptError("the conversation has no messages")
-            return self.tokenizer.encode(self.tokenizer.render_chat(check_messages(prompt)))
+            return self.tokenizer.encode_chat(check_messages(prompt))
         check_text(prompt, "the prompt")
         if chat:
-            return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": prompt}]))
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, mode: str = DEFAULT_MODE,
@@ -207,7 +207,7 @@ class ChatSession:
         check_text(content, "the message")
         request = make_request(mode, settings)
         messages = self.messages + [{"role": "user", "content": content}]
-        tokens = self.engine.tokenizer.encode(self.engine.tokenizer.render_chat(messages))
+        tokens = self.engine.tokenizer.encode_chat(messages)
         result = self.run(tokens, max_new_tokens, request)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         return result

@@ -69,6 +69,14 @@ class SessionConfig:
     cache_optimized: bool = True
     stop_spinning: bool = True  # False only where one session runs alone (a bundle without a draft)
 
+    def __post_init__(self) -> None:
+        """More threads than logical CPUs only slow a pass down, and a huge count spends minutes creating them."""
+        most = os.cpu_count() or 1
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= most):
+            raise ValueError(f"threads must be an integer from 1 to {most} (this machine's logical CPUs), "
+                             f"got {self.threads!r}")
+
     def session_options(self) -> ort.SessionOptions:
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -27,18 +27,20 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) for s in stop):
-            raise SamplingError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", stop)  # frozen: a list given by a caller becomes the tuple kept
-        if not np.isfinite(self.temperature) or self.temperature < 0:
+        object.__setattr__(self, "stop", _stops(self.stop))  # frozen: a list given by a caller becomes a tuple
+        temperature, top_p, penalty = (_real(name, getattr(self, name))
+                                       for name in ("temperature", "top_p", "repetition_penalty"))
+        if not np.isfinite(temperature) or temperature < 0:
             raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (0.0 < top_p <= 1.0):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not np.isfinite(penalty) or penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer)
+                                      or self.seed < 0):
+            raise SamplingError(f"seed must be an integer >= 0 (or None), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +48,21 @@ class SamplingParams:
         temperature approaching 0 approaches the argmax, and dividing by a float32 zero gave NaN rows that
         always drew the last vocabulary id."""
         return np.float32(self.temperature) == 0.0
+
+
+def _real(name: str, value: object) -> float:
+    """A setting that must be a real number: a str, None or bool is named here, not failing inside numpy."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise SamplingError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _stops(stop: object) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string, a list or tuple of them, or None for none."""
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+        raise SamplingError(f"stop must be a string or a list of strings, got {stop!r}")
+    return tuple(stops)
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int] | np.ndarray, penalty: float) -> np.ndarray:

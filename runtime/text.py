@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from edgespec.runtime.bundle import Manifest
+from edgespec.runtime.bundle import BundleError, Manifest
+
+
+def _load(manifest: Manifest, rel: str) -> Tokenizer:
+    """The bundle's tokenizer; a file the tokenizers library cannot read is a BundleError naming it."""
+    try:
+        return Tokenizer.from_file(str(manifest.path(rel)))
+    except Exception as exc:  # the library raises a bare Exception for malformed JSON
+        raise BundleError(f"cannot read the tokenizer {rel}: {exc}") from exc
+
+
+def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
+    """The tokenizer is the model's: no id past its vocabulary (onnxruntime would fail on the embedding gather),
+    and the end-of-text token the manifest names has one of the manifest's ids."""
+    t, vocab, rel = manifest.tokenizer, manifest.target.vocab_size, manifest.tokenizer["file"]
+    if tokenizer.get_vocab_size() > vocab:
+        raise BundleError(f"{rel} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary {vocab}: "
+                          "a tokenizer from another model?")
+    eos, ids = t.get("eos_token"), t.get("eos_token_ids")
+    if eos and ids and tokenizer.token_to_id(eos) not in ids:
+        raise BundleError(f"{rel} gives {eos!r} the id {tokenizer.token_to_id(eos)} but the manifest's end-of-text "
+                          f"ids are {ids}: a tokenizer from another model?")
 
 
 def _raise(message: str) -> None:
@@ -24,14 +46,22 @@ class BundleTokenizer:
     eos_token: str | None
     eos_token_ids: list[int]
     add_bos: bool
+    literal: Tokenizer  # the same tokenizer, reading special-token strings as plain text
 
     @staticmethod
     def from_manifest(manifest: Manifest) -> BundleTokenizer:
         t = manifest.tokenizer
+        tokenizer, literal = _load(manifest, t["file"]), _load(manifest, t["file"])
+        _check_model(tokenizer, manifest)
+        literal.encode_special_tokens = True  # a second instance: toggling one shared by threads would race
         return BundleTokenizer(
-            tokenizer=Tokenizer.from_file(str(manifest.path(t["file"]))),
-            chat_template=t.get("chat_template"), bos_token=t.get("bos_token"), eos_token=t.get("eos_token"),
-            eos_token_ids=list(t.get("eos_token_ids", [])), add_bos=bool(t.get("add_bos", False)))
+            tokenizer=tokenizer, chat_template=t.get("chat_template"), bos_token=t.get("bos_token"),
+            eos_token=t.get("eos_token"), eos_token_ids=list(t.get("eos_token_ids", [])),
+            add_bos=bool(t.get("add_bos", False)), literal=literal)
+
+    @cached_property
+    def special_strings(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the bundle's chat template the way transformers' apply_chat_template does."""
@@ -44,9 +74,30 @@ class BundleTokenizer:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the chat template over `messages`. Special-token strings inside a message's content stay
+        text, so a user who types <|im_end|> does not end their turn; the template's own are tokens. A content
+        without such strings is encoded together with the template, as transformers does."""
+        text = self.render_chat(messages)
+        pieces, cursor = [], 0
+        for content in (m["content"] for m in messages):
+            if not any(s in content for s in self.special_strings):
+                continue
+            start = text.find(content, cursor)
+            if start < 0:
+                raise ValueError("the chat template changes a message that holds special-token strings, so they "
+                                 "cannot be kept as text")
+            pieces += [(text[cursor:start], self.tokenizer), (content, self.literal)]
+            cursor = start + len(content)
+        pieces.append((text[cursor:], self.tokenizer))
+        return self._with_bos([i for piece, tok in pieces if piece
+                               for i in tok.encode(piece, add_special_tokens=False).ids])
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (from a chat template) are recognised."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special tokens written in the text (a raw prompt's own template) are recognised."""
+        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         if self.add_bos and self.bos_token:
             bos = self.tokenizer.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):
