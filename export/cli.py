@@ -51,21 +51,7 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"{target} looks like a hub id but HF_HUB_OFFLINE=1; pass a local directory or .gguf")
     t0 = time.perf_counter()
-    preloaded = preloaded or {}
-    options.log(f"loading target {target} ...")
-    loaded = {"target": preloaded.get(target) or sources.load(target)}
-    if draft is not None:
-        options.log(f"loading draft {draft} ...")
-        loaded["draft"] = preloaded.get(draft) or sources.load(draft)
-        check_same_vocabulary(loaded["target"], loaded["draft"])
-    derived_info = None
-    if derive_layers is not None:
-        if draft is not None:
-            raise ExportError("--derive-draft and --draft are alternatives; pass one")
-        from edgespec.export.derive import derive_draft
-
-        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill,
-                                                     log=options.log)
+    loaded, derived_info = _load_models(target, draft, derive_layers, distill, preloaded or {}, options)
     tmp = staging_dir(out)
     try:
         manifest: dict = {"edgespec_version": "0.1.0", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -82,13 +68,7 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
             _report_parity(tmp, loaded, manifest, options)
             finalize(tmp, manifest)
         if "draft" in loaded:
-            measured = _check_draft(tmp, loaded, derived_info, options)
-            if _drop_draft(measured, derived_info, keep_draft):
-                _remove_draft(tmp, manifest, measured, options)
-            else:
-                if not measured["can_pay"]:
-                    _warn_cannot_pay(measured, options)
-                manifest["models"]["draft"]["measured"] = measured
+            _settle_draft(tmp, loaded, derived_info, manifest, keep_draft, options)
             finalize(tmp, manifest)
         if ngram_tokens > 0:
             from edgespec.export.ngram_table import build_ngram_table
@@ -102,6 +82,39 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
         raise
     options.log(f"bundle written to {out} in {time.perf_counter() - t0:.0f}s")
     return out
+
+
+def _load_models(target: str, draft: str | None, derive_layers: int | None, distill: DistillConfig | None,
+                 preloaded: dict, options: ExportOptions) -> tuple[dict, dict | None]:
+    """The target and the draft (given, or derived from the target's layers), and what deriving measured."""
+    from edgespec.export import sources
+
+    options.log(f"loading target {target} ...")
+    loaded = {"target": preloaded.get(target) or sources.load(target)}
+    if draft is not None:
+        options.log(f"loading draft {draft} ...")
+        loaded["draft"] = preloaded.get(draft) or sources.load(draft)
+        check_same_vocabulary(loaded["target"], loaded["draft"])
+    derived_info = None
+    if derive_layers is not None:
+        if draft is not None:
+            raise ExportError("--derive-draft and --draft are alternatives; pass one")
+        from edgespec.export.derive import derive_draft
+
+        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, log=options.log)
+    return loaded, derived_info
+
+
+def _settle_draft(tmp: Path, loaded: dict, derived_info: dict | None, manifest: dict, keep_draft: bool,
+                  options: ExportOptions) -> None:
+    """Measure the written draft against the target; leave a distilled draft that cannot pay out of the bundle."""
+    measured = _check_draft(tmp, loaded, derived_info, options)
+    if _drop_draft(measured, derived_info, keep_draft):
+        _remove_draft(tmp, manifest, measured, options)
+        return
+    if not measured["can_pay"]:
+        _warn_cannot_pay(measured, options)
+    manifest["models"]["draft"]["measured"] = measured
 
 
 def _distillation_text(derived_info: dict | None, distill: DistillConfig | None, log) -> list[list[int]]:
