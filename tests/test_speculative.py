@@ -69,6 +69,16 @@ def test_staged_trees_shrink_to_fit_the_end_of_the_context(tiny_pair_bundle):
             assert r.token_ids == ar.token_ids or options
 
 
+def test_an_empty_sampled_path_is_verified_as_an_ar_step(pair, monkeypatch):
+    """A draft path that comes back empty (no room left in the draft's buffer) used to reach Leviathan's rule
+    with no draft rows, a reshape of an empty array; it is a plain target step."""
+    from edgespec.runtime.staged import StagedDrafter
+
+    monkeypatch.setattr(StagedDrafter, "path", lambda drafter, depth, sampled=False, reach=0: ([], []))
+    r = pair.generate("hello", max_new_tokens=5, mode="staged", depth=3, temperature=0.8, seed=0, path_rule="sample")
+    assert len(r.token_ids) == 5 and r.stats["staged"]["steps_by_kind"] == {"ar": 5}
+
+
 def test_staged_reports_both_stages(pair):
     r = pair.generate("ab ab ab ab ab ab ab", max_new_tokens=40, mode="staged", depth=4)
     assert r.stats["draft_passes"] > 0 and r.stats["staged"]["ngram_proposed"] > 0
