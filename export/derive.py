@@ -143,7 +143,7 @@ def derive_draft(loaded: LoadedModel, n_layers: int = 4, distill_config=None, lo
     if not 1 <= n_layers < loaded.spec.num_layers:
         raise ExportError(f"--draft-layers must be in 1..{loaded.spec.num_layers - 1}, got {n_layers}")
     head = distill_config.head_tokens if distill_config is not None else 0
-    if head and not 1 <= head < loaded.spec.vocab_size:  # checked before the budget is spent, not after
+    if head and not 1 <= head < loaded.spec.vocab_size:  # checked before the distillation runs, not after
         raise ExportError(f"--draft-head-tokens must be in 1..{loaded.spec.vocab_size - 1}, got {head}")
     token_lists = calibration_tokens(loaded.tokenizer)
     distilling = distill_config is not None and distill_config.enabled

@@ -170,7 +170,8 @@ def measured_precision(log: Callable[[str], None] = print,
                              torch.backends.cpu.get_cpu_capability())
     m, k, n = MATMUL_SHAPE
     log(f"distill precision: {choice.precision} (a {m}x{k} @ {k}x{n} matmul took {bf16 * 1e3:.2f} ms in bf16 and "
-        f"{fp32 * 1e3:.2f} ms in fp32 on {choice.threads} threads; torch CPU capability {choice.capability})")
+        f"{fp32 * 1e3:.2f} ms in fp32 on {choice.threads} thread{'s' if choice.threads != 1 else ''}; "
+        f"torch CPU capability {choice.capability})")
     return choice
 
 
@@ -679,6 +680,8 @@ def distill(target_model, tokenizer, student, layers: list[int], config: Distill
     corpus = build_corpus(target_model, tokenizer, config, corpus_file(config, corpus_key),
                           None if cap is None else t_start + cap * config.corpus_share, log, clock)
     if corpus.answer_tokens == 0:
+        if cap is None:
+            raise ExportError("the distillation prompts gave no corpus text")
         raise ExportError(f"the --distill-minutes cap ({config.minutes:g}) ended before any corpus text was "
                           "generated; raise it, or leave it out to do the whole distillation")
     checkpoint = cache / f"{key}.ckpt.safetensors"
