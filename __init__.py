@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from edgespec.runtime import engine
 
         return getattr(engine, name)
+    if name == "batch":  # edgespec.batch.run(...): the batch API, which lives with its command in apps/batch
+        from edgespec.apps import batch
+
+        return batch
     raise AttributeError(name)

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgespec.apps.desktop.commands import add_parsers as add_desktop  # serve, chat: FastAPI only when run
 
     add_desktop(sub)
+    from edgespec.apps.batch.command import add_parser as add_batch
+
+    add_batch(sub)
     return parser
 
 
