@@ -43,11 +43,30 @@ PROSE_PROMPTS = [
 ]
 
 
+# More prose prompts than the hand-written twelve, for batch runs of 100: each request form over each subject.
+PROSE_FORMS = ["Explain {} to someone who has never heard of it.", "Write a short blog post about {}.",
+               "What are the most common misconceptions about {}?", "Give a beginner three practical tips about {}.",
+               "Write a friendly paragraph for a newsletter on {}.", "Describe the history of {} in a few sentences.",
+               "What would a day without {} look like?", "Compare two different views on {}."]
+PROSE_SUBJECTS = ["public libraries", "bird migration", "composting at home", "learning a second language",
+                  "night trains", "volcanoes", "saving money", "team sports", "bread baking", "solar panels",
+                  "museums", "city parks", "handwriting"]
+
+
+def prose_prompts(n: int) -> list[str]:
+    """The twelve hand-written prose prompts, then PROSE_FORMS x PROSE_SUBJECTS (104 more), up to n."""
+    more = [form.format(subject) for subject in PROSE_SUBJECTS for form in PROSE_FORMS]
+    prompts = PROSE_PROMPTS + more
+    if n > len(prompts):
+        raise ValueError(f"the prose set has {len(prompts)} prompts, asked for {n}")
+    return prompts[:n]
+
+
 def prompt_set(name: str, n: int) -> list[str]:
     if name == "humaneval":
         return humaneval_prompts(n)
     if name == "prose":
-        return PROSE_PROMPTS[:n]
+        return prose_prompts(n)
     raise ValueError(f"unknown prompt set {name}")
 
 
