@@ -108,13 +108,13 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
                        **embedding}
     bits = 4 if q == "int4" else 8
     if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
-        from edgespec.quant.gguf_exact import carry_gguf_blocks
+        from edgespec.quant.gguf_exact import UnsupportedGGUFError, carry_gguf_blocks
         try:
             model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec)
             model = _rtn_rest(model, bits, options, info)
             model, embedding = quantize_embedding(model, exact_only=True)
             return model, {"method": q, **info, **embedding}
-        except ExportError as exc:
+        except (UnsupportedGGUFError, ExportError) as exc:
             options.log(f"note: GGUF blocks not carried over exactly ({exc}); re-quantizing with RTN")
     from edgespec.quant.weight_only import quantize_weight_only
     model = quantize_weight_only(model, bits=bits, block_size=options.block_size, accuracy_level=4,

@@ -9,6 +9,8 @@ import shutil
 import sys
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgespec.export.bundle import (
@@ -24,6 +26,7 @@ from edgespec.export.bundle import (
 )
 from edgespec.export.distill import DEFAULT_HEAD_TOKENS, DistillConfig
 from edgespec.export.errors import ExportError
+from edgespec.quant.names import QuantError
 
 
 def export_bundle(target: str, out: str | Path, draft: str | None = None, options: ExportOptions | None = None,
@@ -59,22 +62,26 @@ def export_bundle(target: str, out: str | Path, draft: str | None = None, option
                           "models": {}}
         manifest["tokenizer"] = write_tokenizer(loaded["target"], tmp)
         for role, model in loaded.items():
-            calibration = _calibration_for(model, options) if options.quant == "qdq" else None
-            manifest["models"][role] = write_model_graphs(model, role, tmp, options, calibration)
+            with timed(options.log, f"writing the {role}'s {options.quant} graphs"):
+                calibration = _calibration_for(model, options) if options.quant == "qdq" else None
+                manifest["models"][role] = write_model_graphs(model, role, tmp, options, calibration)
         if derived_info is not None:
             manifest["models"]["draft"]["extra"] = {"derived": derived_info}
         finalize(tmp, manifest)
         if parity:
-            _report_parity(tmp, loaded, manifest, options)
+            with timed(options.log, "checking the graphs against torch"):
+                _report_parity(tmp, loaded, manifest, options)
             finalize(tmp, manifest)
         if "draft" in loaded:
-            _settle_draft(tmp, loaded, derived_info, manifest, keep_draft, options)
+            with timed(options.log, "measuring the draft's agreement and cost"):
+                _settle_draft(tmp, loaded, derived_info, manifest, keep_draft, options)
             finalize(tmp, manifest)
         if ngram_tokens > 0:
             from edgespec.export.ngram_table import build_ngram_table
 
-            corpus = _distillation_text(derived_info, distill, options.log)
-            manifest["ngram"] = build_ngram_table(tmp, ngram_tokens, log=options.log, corpus=corpus)
+            with timed(options.log, "building the n-gram table"):
+                corpus = _distillation_text(derived_info, distill, options.log)
+                manifest["ngram"] = build_ngram_table(tmp, ngram_tokens, log=options.log, corpus=corpus)
             finalize(tmp, manifest)
         publish(tmp, out)
     except BaseException:
@@ -89,11 +96,11 @@ def _load_models(target: str, draft: str | None, derive_layers: int | None, dist
     """The target and the draft (given, or derived from the target's layers), and what deriving measured."""
     from edgespec.export import sources
 
-    options.log(f"loading target {target} ...")
-    loaded = {"target": preloaded.get(target) or sources.load(target)}
+    with timed(options.log, f"loading target {target}"):
+        loaded = {"target": preloaded.get(target) or sources.load(target)}
     if draft is not None:
-        options.log(f"loading draft {draft} ...")
-        loaded["draft"] = preloaded.get(draft) or sources.load(draft)
+        with timed(options.log, f"loading draft {draft}"):
+            loaded["draft"] = preloaded.get(draft) or sources.load(draft)
         check_same_vocabulary(loaded["target"], loaded["draft"])
     derived_info = None
     if derive_layers is not None:
@@ -101,8 +108,19 @@ def _load_models(target: str, draft: str | None, derive_layers: int | None, dist
             raise ExportError("--derive-draft and --draft are alternatives; pass one")
         from edgespec.export.derive import derive_draft
 
-        loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, log=options.log)
+        with timed(options.log, "deriving the draft"):
+            loaded["draft"], derived_info = derive_draft(loaded["target"], derive_layers, distill, log=options.log)
     return loaded, derived_info
+
+
+@contextmanager
+def timed(log: Callable[[str], None], step: str) -> Iterator[None]:
+    """Say what an export step does when it starts and how long it took when it ends, so a user watching a long
+    export sees where the time goes."""
+    log(f"{step} ...")
+    t0 = time.perf_counter()
+    yield
+    log(f"{step}: done in {time.perf_counter() - t0:.0f} s")
 
 
 def _settle_draft(tmp: Path, loaded: dict, derived_info: dict | None, manifest: dict, keep_draft: bool,
@@ -283,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         export_bundle(args.target, args.out, args.draft, options, parity=not args.no_parity,
                       derive_layers=args.draft_layers if derive else None, ngram_tokens=args.ngram_tokens,
                       distill=_distill_config(args) if derive else None, keep_draft=args.keep_draft)
-    except ExportError as exc:
+    except (ExportError, QuantError) as exc:
         print(f"edge-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

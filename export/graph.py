@@ -26,9 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgespec.export.rope import RopeTable, rotary_order
 from edgespec.export.spec import ModelSpec
+from edgespec.quant.names import MS_DOMAIN, kv_input_names
 
 OPSET = 17
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass
@@ -50,10 +50,6 @@ class _Graph:
     def const(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
-
-
-def kv_input_names(num_layers: int) -> list[str]:
-    return [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[str, RopeTable],

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgespec.export.graph import MS_DOMAIN
+from edgespec.quant.names import MS_DOMAIN
 
 EMBEDDING_NODE = "embed_tokens"
 

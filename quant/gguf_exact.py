@@ -30,8 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgespec.export.errors import ExportError
-from edgespec.export.spec import ModelSpec
+from edgespec.quant.names import DecoderShape, QuantError
 from edgespec.quant.weight_only import LM_HEAD, quantized_linear_names
 
 BLOCK = 32
@@ -42,11 +41,11 @@ PARTS = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",),
          "gate_up_proj": ("ffn_gate", "ffn_up"), "down_proj": ("ffn_down",)}
 
 
-class UnsupportedGGUFError(ExportError):
+class UnsupportedGGUFError(QuantError):
     """No linear's blocks can be carried over exactly; the caller should quantize with RTN instead."""
 
 
-def carry_gguf_blocks(model: onnx.ModelProto, gguf_path: str | Path, spec: ModelSpec,
+def carry_gguf_blocks(model: onnx.ModelProto, gguf_path: str | Path, spec: DecoderShape,
                       accuracy_level: int = 4) -> tuple[onnx.ModelProto, dict]:
     """Return a copy of `model` whose linear MatMuls use the GGUF's blocks where their types allow, and a
     manifest summary saying per linear which GGUF types it had and whether it was carried (else: why not)."""
@@ -127,7 +126,7 @@ class _Blocks:
     bits: int
 
 
-def _read_linear(parts: list[str], tensors: dict, spec: ModelSpec, permute: bool) -> _Blocks:
+def _read_linear(parts: list[str], tensors: dict, spec: DecoderShape, permute: bool) -> _Blocks:
     """The blocks of the concatenated parts, at the smallest block size and widest code of any part."""
     decoded = []
     for part in parts:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgespec.export.graph import kv_input_names
+from edgespec.quant.names import kv_input_names
 
 # Where the attention mask is added (if Add is quantized), calibration would see the builder's -3.4e38 mask
 # value and stretch the scores' range until every real score rounds to the same code. Clamping that range's

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgespec.export.graph import MS_DOMAIN
+from edgespec.quant.names import MS_DOMAIN
 from edgespec.quant.weight_only import quantized_linear_names
 
 # of the activation codes, and of the weight codes as stored (uint8: see the module docstring)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgespec.export.spec import ModelSpec
+from edgespec.quant.names import DecoderShape
 from edgespec.quant.weight_only import LM_HEAD, quantized_linear_names
 
 ALPHA = 0.5
@@ -64,7 +64,7 @@ def smoothing_scales(activation_max: np.ndarray, weights: list[np.ndarray], alph
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def smooth_weights(weights: dict[str, np.ndarray], spec: ModelSpec, maxima: dict[str, np.ndarray],
+def smooth_weights(weights: dict[str, np.ndarray], spec: DecoderShape, maxima: dict[str, np.ndarray],
                    alpha: float = ALPHA) -> dict[str, np.ndarray]:
     """A new weights dict (exporter names, torch layout) computing the same function with flatter linear inputs."""
     out = dict(weights)  # arrays are replaced, never changed in place: embed_tokens and lm_head may be one array

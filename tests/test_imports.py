@@ -16,9 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"runtime": {"export", "quant"}, "devices": {"export", "quant", "runtime"}, "quant": {"export"}}
-QUANT_PENDING = pytest.mark.xfail(strict=True, reason="quant/ still takes MS_DOMAIN, kv_input_names, ModelSpec and "
-                                  "ExportError from export/; they move to a core module both import")
-SUBPACKAGES = [pytest.param(p, marks=QUANT_PENDING) if p == "quant" else p for p in FORBIDDEN]
+SUBPACKAGES = list(FORBIDDEN)
 
 
 def modules(package: str) -> list[str]:
