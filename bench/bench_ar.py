@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ensure_bundle, git_rev, is_current, machine, prompt_set, write_section
+from common import ensure_bundle, git_rev, is_current, machine, perplexity, prompt_set, prose_texts, write_section
 
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import physical_cores
@@ -208,27 +208,30 @@ def main() -> None:
             acc["ttft"].append(ttft)
             acc["tokens"].append(tokens)
     bandwidth = memcpy_bandwidth()
+    texts = prose_texts()
+    ppl = {f"edgespec {quant}": perplexity(engine, texts) for quant, engine in engines.items()}
     reference = results.get("edgespec fp32", {}).get("tokens")
     lines = ["| system | decode tok/s (median) | time to first token ms (median) | weights read per pass MB "
              "| implied bandwidth GB/s | peak RSS MB | greedy output = fp32's | tokens before first difference "
-             "(mean) |", "|---|---|---|---|---|---|---|---|"]
+             "(mean) | prose perplexity |", "|---|---|---|---|---|---|---|---|---|"]
     peer = statistics.median(results["onnxruntime-genai int4"]["tps"]) if "onnxruntime-genai int4" in results else None
-    short = ["| system | decode tok/s | × genai int4 | time to first token ms | peak RSS MB | greedy output = fp32's |",
-             "|---|---|---|---|---|---|"]
+    short = ["| system | decode tok/s | × genai int4 | time to first token ms | peak RSS MB | greedy output = fp32's "
+             "| tokens before first difference | prose perplexity |", "|---|---|---|---|---|---|---|---|"]
     for name, acc in results.items():
         tps, ttft = statistics.median(acc["tps"]), statistics.median(acc["ttft"]) * 1000
         faithful = fidelity_cells(acc["tokens"], reference, eos)
+        ppl_cell = f"{ppl[name]:.2f}" if name in ppl else "–"
         if name.startswith("edgespec"):
             root = engines[name.split()[1]].manifest.root
             wb = weight_bytes_per_pass(root)
             rss = peak_rss_mb(root, prompts[0], args.max_new_tokens)
             lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | {wb / 1e6:.0f} | {wb * tps / 1e9:.1f} | {rss:.0f} "
-                         f"| {faithful} |")
+                         f"| {faithful} | {ppl_cell} |")
         else:
             rss = peak_rss_mb(genai_path, prompts[0], args.max_new_tokens, genai=True)
-            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – | {rss:.0f} | {faithful} |")
+            lines.append(f"| {name} | {tps:.1f} | {ttft:.0f} | – | – | {rss:.0f} | {faithful} | {ppl_cell} |")
         short.append(f"| {name} | {tps:.1f} | {f'{tps / peer:.2f}' if peer else '–'} | {ttft:.0f} | {rss:.0f} "
-                     f"| {faithful.split(' | ')[0]} |")
+                     f"| {faithful} | {ppl_cell} |")
     tps = {name: statistics.median(acc["tps"]) for name, acc in results.items()}
     verdict = "; ".join(f"{name.split()[1]} / genai int4: {value / peer:.2f}" for name, value in tps.items()
                         if peer and name.startswith("edgespec int4"))
@@ -244,7 +247,10 @@ def main() -> None:
                 f"{args.max_new_tokens} tokens for the first prompt (KV buffers of 2048 slots are allocated "
                 "whole but only the pages written count). Faithfulness: each system's greedy token ids against "
                 "the fp32 bundle's for the same prompt (the fp32 bundle equals torch greedy on the GGUF model, "
-                "tests/test_export.py::test_default_fp32_greedy_matches_torch), trailing EOS ignored.",
+                "tests/test_export.py::test_default_fp32_greedy_matches_torch), trailing EOS ignored. Prose "
+                "perplexity: each bundle's target, teacher-forced through its own graphs, on the first 256 tokens "
+                "of each of 26 module docstrings of Python's standard library (English prose we did not write; "
+                "bench/common.py `prose_texts`).",
                 "", *lines, "", f"Measured memcpy bandwidth of this machine: {bandwidth:.1f} GB/s. {verdict}.", "",
                 "Rows: `int4` is our default, the GGUF-exact Q4_1 carry-over with the file's 8-bit (Q8_0) LM head; "
                 "`int4-rtn` re-quantizes like genai's builder (RTN, block 32, 4-bit LM head: `edge-export "

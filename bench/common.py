@@ -62,6 +62,51 @@ def prose_prompts(n: int) -> list[str]:
     return prompts[:n]
 
 
+# English prose nobody here wrote, for perplexity: module docstrings of Python's standard library (CPython's authors).
+PROSE_TEXT_MODULES = ("argparse", "asyncio.locks", "bisect", "calendar", "codecs", "collections", "contextlib",
+                      "csv", "difflib", "doctest", "email.message", "ftplib", "heapq", "imaplib", "inspect",
+                      "pickle", "pydoc", "queue", "sched", "shlex", "shutil", "smtplib", "string", "subprocess",
+                      "tarfile", "threading", "timeit", "unittest", "uuid", "zipfile")
+
+
+def prose_texts() -> list[str]:
+    """The docstrings of PROSE_TEXT_MODULES (and of their public classes, for modules with a short one)."""
+    import importlib
+    import inspect
+
+    texts = []
+    for name in PROSE_TEXT_MODULES:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module) or ""] + [inspect.getdoc(obj) or "" for _, obj in
+                                                  sorted(inspect.getmembers(module, inspect.isclass))
+                                                  if getattr(obj, "__module__", "") == name]
+        text = "\n\n".join(d for d in docs if len(d) > 200)
+        if text:
+            texts.append(text)
+    return texts
+
+
+def perplexity(engine, texts: list[str], tokens_per_text: int = 256) -> float:
+    """The target's perplexity on the first `tokens_per_text` tokens of each text (teacher-forced, its own
+    graphs, all-position logits), over all texts together."""
+    import numpy as np
+
+    runner, nll, count = engine.target, 0.0, 0
+    for text in texts:
+        ids = engine.tokenizer.encode(text)[:tokens_per_text]
+        runner.rollback(0)
+        for start in range(0, len(ids) - 1, runner.max_chunk):
+            chunk = ids[start:start + runner.max_chunk]
+            targets = ids[start + 1:start + 1 + len(chunk)]
+            logits = runner.forward(chunk)[:len(targets)].astype(np.float64)
+            peak = logits.max(axis=-1, keepdims=True)
+            log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+            nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+            count += len(targets)
+        runner.rollback(0)
+    return float(np.exp(nll / count))
+
+
 def prompt_set(name: str, n: int) -> list[str]:
     if name == "humaneval":
         return humaneval_prompts(n)
