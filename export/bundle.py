@@ -107,10 +107,10 @@ def _quantize(model: onnx.ModelProto, loaded: LoadedModel, variant: str, options
                        "activations": "int8 per row (dynamic)", "smoothing": f"SmoothQuant, alpha {ALPHA}",
                        **embedding}
     bits = 4 if q == "int4" else 8
-    if q == "int4" and options.gguf_exact and loaded.gguf_path is not None:
+    if options.gguf_exact and loaded.gguf_path is not None:
         from edgespec.quant.gguf_exact import UnsupportedGGUFError, carry_gguf_blocks
         try:
-            model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec)
+            model, info = carry_gguf_blocks(model, loaded.gguf_path, loaded.spec, min_bits=bits)
             model = _rtn_rest(model, bits, options, info)
             model, embedding = quantize_embedding(model, exact_only=True)
             return model, {"method": q, **info, **embedding}

@@ -14,6 +14,8 @@ type is written as `w = s·c + o` per block of weights with a centred integer co
 - Q6_K `d·sc·(q−32)` per 16 weights: s = d·sc, c = q−32 → 8-bit blocks of 16;
 - Q8_0 `d·q`: c = q, o = 0 → 8-bit.
 
+With `--quant int8` every carried linear is 8-bit: a 4-bit code is exact in 8 bits (stored c+128).
+
 A linear that concatenates tensors of mixed types (q, k and v) becomes 8-bit if any part is not 4-bit (4-bit codes
 are exact in 8 bits), with blocks of 16 if any part is Q6_K (a 32-weight block is two 16-weight blocks with its
 scale). A linear with a part in any other type (F16, BF16, Q2_K, ...) is left to the caller's RTN quantizer and the
@@ -46,9 +48,12 @@ class UnsupportedGGUFError(QuantError):
 
 
 def carry_gguf_blocks(model: onnx.ModelProto, gguf_path: str | Path, spec: DecoderShape,
-                      accuracy_level: int = 4) -> tuple[onnx.ModelProto, dict]:
+                      accuracy_level: int = 4, min_bits: int = 4) -> tuple[onnx.ModelProto, dict]:
     """Return a copy of `model` whose linear MatMuls use the GGUF's blocks where their types allow, and a
-    manifest summary saying per linear which GGUF types it had and whether it was carried (else: why not)."""
+    manifest summary saying per linear which GGUF types it had and whether it was carried (else: why not).
+    `min_bits=8` (`--quant int8`) writes 4-bit codes as 8-bit ones too: exact, in the 8-bit kernel."""
+    if min_bits not in (4, 8):
+        raise ValueError(f"min_bits must be 4 or 8, got {min_bits}")
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
@@ -78,6 +83,7 @@ def carry_gguf_blocks(model: onnx.ModelProto, gguf_path: str | Path, spec: Decod
             new_nodes.append(node)
             continue
         block = _read_linear(sources[node.name], tensors, spec, permute=arch == "llama")
+        block.bits = max(block.bits, min_bits)
         _check_against(node.name, block, numpy_helper.to_array(inits[node.input[1]]))
         built_nodes, built_inits = _nbits_nodes(node, block, accuracy_level)
         new_nodes += built_nodes

@@ -131,6 +131,27 @@ def test_int4_bundle_from_gguf_says_per_linear_what_it_did(gguf_files, tmp_path,
     assert len(Engine.load(out).generate("def f(x):", max_new_tokens=8, mode="ar").token_ids) == 8
 
 
+@pytest.mark.parametrize("case", ["Q4_1", "Q4_K_M", "Q8_0"])
+def test_int8_bundle_from_gguf_carries_every_block_as_8_bit_exactly(gguf_files, tmp_path, case):
+    """--quant int8 rounds nothing a second time either: 4-bit codes are written as 8-bit codes of the same value,
+    so every linear computes the file's weights (as transformers dequantized them) in the 8-bit kernel."""
+    loaded = load(str(gguf_files[case]))
+    out = export_bundle(str(gguf_files[case]), tmp_path / "int8", options=ExportOptions(quant="int8",
+                        max_context=MAX_CONTEXT, log=quiet), parity=False, preloaded={str(gguf_files[case]): loaded})
+    quant = load_manifest(out).target.quantization
+    assert quant["weights"] == "gguf-exact" and quant["linears_by_bits"]["4"] == 0
+    size = {"Q4_1": 32, "Q4_K_M": 16, "Q8_0": 32}[case]
+    assert quant["linears"]["layers.0.qkv_proj"]["carried"] == f"8-bit blocks of {size}"
+    graph = onnx.load(str(out / load_manifest(out).target.graphs["fused"].file))
+    fp32 = build_decoder(loaded.spec, loaded.weights, loaded.rope(MAX_CONTEXT), MAX_CONTEXT)
+    weights = {n.name: numpy_helper.to_array(next(t for t in fp32.graph.initializer if t.name == n.input[1]))
+               for n in fp32.graph.node if n.name in quant["linears"]}
+    for linear, expected in weights.items():
+        np.testing.assert_allclose(_nbits_weight(graph, linear), expected.T, rtol=0,
+                                   atol=1e-6 * np.abs(expected).max(), err_msg=linear)
+    assert len(Engine.load(out).generate("def f(x):", max_new_tokens=8, mode="ar").token_ids) == 8
+
+
 def test_carry_leaves_other_types_to_rtn_and_says_why(torch_model, tmp_path):
     path = write_llama_gguf(tmp_path / "mixed.gguf", torch_model, {"ffn_down": Q.F16}, Q.Q4_K, CHARS)
     loaded = load(str(path))
