@@ -33,16 +33,21 @@ def _add_generate(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="a setting of the mode, e.g. --set depth=4 (repeatable; 'none' for the adaptive default)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_flags(p, seed_default=None, seed_help="seed of a sampled generation")
     p.add_argument("--device", default="auto")
     p.add_argument("--strict-device", action="store_true")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, seed_default: int | None, seed_help: str) -> None:
+    """The sampling flags every generating command shares (0: greedy)."""
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _request(args):

@@ -16,6 +16,7 @@ from edgespec.apps.batch.records import read_records
 
 
 def add_parser(sub) -> None:
+    from edgespec.runtime.cli import add_sampling_flags
     from edgespec.runtime.modes import DEFAULT_MODE, MODES
 
     p = sub.add_parser("batch", help="generate for every record of a JSONL file, resumably (extra: batch)",
@@ -30,13 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="a setting of the mode for every record (records may give their own 'settings')")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="job seed: a record without 'seed' samples with a hash "
-                   "of this and its id, whichever worker runs it")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_flags(p, seed_default=0, seed_help="job seed: a record without 'seed' samples with a hash of this "
+                       "and its id, whichever worker runs it")
     p.add_argument("--chat", action="store_true", help="wrap 'prompt' records in the chat template")
     p.add_argument("--workers", type=int, default=1, help="worker processes (Ray actors with --ray)")
     p.add_argument("--threads", type=int, help="threads in all, split between workers (default: all cores; "
