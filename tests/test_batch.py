@@ -190,7 +190,6 @@ def test_python_api_in_input_order_and_as_completed(tiny_pair_bundle):
 
 
 def test_ray_writes_the_records_the_local_job_writes(tiny_pair_bundle, tmp_path):
-    pytest.importorskip("ray", reason="the ray extra (CI installs it)")
     src = _write(tmp_path / "in.jsonl", _records(8, temperature=0.7) + _records(16)[8:])
     local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     assert _batch(tiny_pair_bundle, src, local, "--max-tokens", "24").returncode == 0
