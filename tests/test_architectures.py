@@ -24,6 +24,7 @@ from edgespec.export.cli import export_bundle
 from edgespec.export.rope import rope_table
 from edgespec.export.sources import load
 from edgespec.runtime.bundle import load_manifest
+from edgespec.runtime.calibrate import sweep
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import ModelRunner, SessionConfig
 
@@ -122,6 +123,9 @@ def test_greedy_tokens_match_torch_and_every_mode_matches_ar(loaded, bundles, fa
         assert result.token_ids == got, (family, mode)
     assert engine.ngram_model is not None  # the bundle's trigram table, from text the model wrote
     assert len(engine.generate(PROMPT, max_new_tokens=8, mode="ead").token_ids) == 8  # lossy: it runs
+    rows = sweep(engine, [PROMPT], taus=(0.0, 1e9), max_new_tokens=8, chat=False)  # EAD calibration's sweep
+    assert rows[0]["rouge_l"] == 1.0 and rows[0]["large_share"] == 1.0  # tau 0: the large model writes every token
+    assert rows[1]["large_share"] < 1.0  # an unreachable entropy bound: the small model writes
 
 
 @pytest.mark.parametrize("family", FAMILIES)
