@@ -20,7 +20,8 @@ import onnx
 from edgespec.export.errors import ExportError
 from edgespec.export.graph import build_decoder
 from edgespec.export.sources import LoadedModel
-from edgespec.runtime.bundle import CACHE_DIR, MANIFEST, SCHEMA_VERSION, sha256_file
+from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from edgespec.runtime.cache import CACHE_DIR
 
 QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "w8a8", "qdq")
 # Bumped whenever exported graphs change for the same options (3: causal fused targets and 8-bit embedding

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,20 +17,6 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-CACHE_DIR = "cache"  # inside the bundle; not checksummed (optimized graphs, cost curves, the pass-size check)
-
-
-def save_cache_json(path: Path, data) -> None:
-    """Write a measurement into the bundle cache atomically; a read-only bundle just measures again next time."""
-    if not os.access(path.parent.parent, os.W_OK):
-        return
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    finally:  # a failed write (disk full) leaves neither a half file nor a stray temporary one
-        tmp.unlink(missing_ok=True)
 
 
 class BundleError(Exception):

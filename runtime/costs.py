@@ -7,13 +7,12 @@ measured once per bundle, model and thread count, and reused.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgespec.runtime.bundle import save_cache_json
+from edgespec.runtime.cache import CacheKey, read_json, write_json
 from edgespec.runtime.model import ModelRunner
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
@@ -81,21 +80,17 @@ def monotone(curve: dict[int, float]) -> dict[int, float]:
     return dict(zip(sorted(curve), values, strict=True))
 
 
-def cached_cost_curves(target: ModelRunner, draft: ModelRunner | None, cache_dir: Path,
-                       key: str) -> dict[str, dict[int, float]]:
-    """The curves from the bundle cache, measuring (and saving atomically) when absent."""
-    path = cache_dir / f"cost-curves.v{CURVE_FORMAT}.{key}.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            curves = {role: {int(k): float(v) for k, v in curve.items()} for role, curve in saved.items()}
-            if set(curves) == {"target"} | ({"draft"} if draft is not None else set()):
-                return curves
-        except (ValueError, AttributeError, json.JSONDecodeError):
-            pass
-        path.unlink(missing_ok=True)
+def cached_cost_curves(target: ModelRunner, draft: ModelRunner | None, root: Path,
+                       facts: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    """The curves from the bundle cache (runtime/cache.py), measuring and saving them when absent."""
+    key = CacheKey(f"cost-curves.v{CURVE_FORMAT}", facts)
+    roles = {"target"} | ({"draft"} if draft is not None else set())
+    saved = read_json(root, key, lambda data: isinstance(data, dict) and set(data) == roles and all(
+        isinstance(curve, dict) and curve for curve in data.values()))
+    if saved is not None:
+        return {role: {int(k): float(v) for k, v in curve.items()} for role, curve in saved.items()}
     curves = measure_cost_curves(target, draft)
-    save_cache_json(path, curves)
+    write_json(root, key, curves)
     return curves
 
 

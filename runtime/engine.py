@@ -134,12 +134,11 @@ class Engine:
         the models' KV, so it is done before a generation starts. A spinning session's passes cost
         less (SessionConfig), so spinning is part of the key.
         """
-        from edgespec.runtime.bundle import CACHE_DIR
         from edgespec.runtime.costs import cached_cost_curves
 
-        key = self._cache_key("target") + (f"+{self._cache_key('draft')}" if self.draft is not None else "")
-        return cached_cost_curves(self.target, self.draft, self.manifest.root / CACHE_DIR,
-                                  key + ("-spinning" if self.spinning else ""))
+        facts = self._cache_facts("target") + (("+",) + self._cache_facts("draft") if self.draft is not None else ())
+        return cached_cost_curves(self.target, self.draft, self.manifest.root,
+                                  facts + (("spinning",) if self.spinning else ()))
 
     def check_pass_sizes(self) -> dict:
         """This machine's verdict on whether the target computes a row alike in passes of every size
@@ -151,20 +150,21 @@ class Engine:
         if self.pass_check is None:
             import onnxruntime
 
-            from edgespec.runtime.bundle import CACHE_DIR
             from edgespec.runtime.selfcheck import MAX_ROWS, cached_pass_check
 
-            key = f"{self._cache_key('target')}-ort{onnxruntime.__version__}"
-            self.pass_check = cached_pass_check(self.target, self.manifest.root / CACHE_DIR, key)
+            facts = self._cache_facts("target") + (f"ort{onnxruntime.__version__}",)
+            self.pass_check = cached_pass_check(self.target, self.manifest.root, facts)
             if self.target.fused:
                 self.target.max_chunk = min(self.target.max_chunk, MAX_ROWS, max(1, self.pass_check["max_rows"]))
         return self.pass_check
 
-    def _cache_key(self, role: str) -> str:
+    def _cache_facts(self, role: str) -> tuple[str, ...]:
+        """What a measurement of this model on this machine depends on (runtime/cache.py): its graph, the
+        provider, the thread count and the CPU."""
         runner = self.target if role == "target" else self.draft
         info = self.manifest.models[role]
         digest = self.manifest.files.get(next(iter(info.graphs.values())).file, "")[:12]
-        return f"{role}-{digest}-{runner.load_info.get('provider', 'cpu')}-t{self.threads}-cpu{cpu_tag()}"
+        return (role, digest, runner.load_info.get("provider", "cpu"), f"t{self.threads}", f"cpu{cpu_tag()}")
 
     def decode_context(self, mode: Mode) -> DecodeContext:
         """What `mode` reads besides its settings: measured pass costs (measured once, before a generation,

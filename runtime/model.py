@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgespec.runtime.bundle import CACHE_DIR, BundleError, GraphInfo, Manifest, ModelInfo
+from edgespec.runtime import cache
+from edgespec.runtime.bundle import BundleError, GraphInfo, Manifest, ModelInfo
 
 UNLISTED = -1e30  # logit of a token outside a restricted draft head
 
@@ -103,52 +104,62 @@ class SessionConfig:
 
 def open_graph_session(manifest: Manifest, graph_file: str, config: SessionConfig,
                        providers: list | None = None) -> tuple[ort.InferenceSession, dict]:
-    """Open a graph, reusing the optimized copy in the bundle cache when one was saved before.
+    """Open a graph, reusing its optimized copy in the bundle cache (runtime/cache.py) when a valid one exists.
 
-    The cache key includes the file's checksum, the onnxruntime version and the providers, so a
-    re-export or an upgrade never reads a stale graph. The copy is written under a temporary name
-    and renamed, so an interrupted first load cannot leave a half-written cache file.
+    The key holds the graph's checksum, the onnxruntime version, the optimization level and the providers, so a
+    re-export or an upgrade never reads a stale graph; the copy's digests are written after it, so an interrupted
+    first load or a damaged copy is optimized again rather than loaded.
     """
     providers = providers or ["CPUExecutionProvider"]
     source = manifest.path(graph_file)
-    digest = manifest.files.get(graph_file, "nochecksum")[:16]
     provider_tag = "-".join(p if isinstance(p, str) else p[0] for p in providers)
-    cached = (manifest.root / CACHE_DIR /
-              f"{Path(graph_file).stem}.{digest}.{ort.__version__}.{config.optimization}.{provider_tag}.onnx")
-    so = config.session_options()
+    name = graph_file.removesuffix(".onnx").replace("/", "_")
+    key = cache.CacheKey("optimized", (name, manifest.files.get(graph_file, "nochecksum")[:16],
+                                       f"ort{ort.__version__}", config.optimization, provider_tag))
     info = {"graph": graph_file, "cache": "off"}
     t0 = time.perf_counter()
-    if config.cache_optimized and cached.is_file():
+    cached = cache.verified_graph(manifest.root, key) if config.cache_optimized else None
+    if cached is not None:
+        so = config.session_options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             sess = ort.InferenceSession(str(cached), so, providers=providers)
-            info["cache"] = "hit"
-            info["load_seconds"] = time.perf_counter() - t0
-            info["providers"] = sess.get_providers()
-            return sess, info
-        except Exception:  # an unreadable cache file is rebuilt from the checksummed source below
+            return sess, info | {"cache": "hit", "load_seconds": time.perf_counter() - t0,
+                                 "providers": sess.get_providers()}
+        except Exception:  # a copy onnxruntime cannot read is rebuilt from the checksummed source below
             cached.unlink(missing_ok=True)
-            so = config.session_options()
-    if config.cache_optimized and os.access(manifest.root, os.W_OK):
-        cached.parent.mkdir(exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.onnx")
-        so.optimized_model_filepath = str(tmp)
-        # Initializers go to a data file named after the final graph name; the graph file is renamed
-        # into place last, so it only ever exists complete and pointing at complete data.
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        try:
-            sess = ort.InferenceSession(str(source), so, providers=providers)
-            os.replace(tmp, cached)
-            info["cache"] = "written"
-        except Exception:  # e.g. an optimized graph over protobuf's 2 GB limit: run without a cache
-            tmp.unlink(missing_ok=True)
-            sess = _session(source, graph_file, config.session_options(), providers)
+    target = cache.graph_target(manifest.root, key) if config.cache_optimized else None
+    sess = _optimize_into(source, graph_file, config, providers, target) if target is not None else None
+    if sess is not None:
+        info["cache"] = "written"
     else:
-        sess = _session(source, graph_file, so, providers)
+        sess = _session(source, graph_file, config.session_options(), providers)
     info["load_seconds"] = time.perf_counter() - t0
     info["providers"] = sess.get_providers()
     return sess, info
+
+
+def _optimize_into(source: Path, graph_file: str, config: SessionConfig, providers: list,
+                   target: Path) -> ort.InferenceSession | None:
+    """A session over `source` that also saves onnxruntime's optimized graph as `target` (sealed with its digests),
+    or None when saving fails (e.g. an optimized graph over protobuf's 2 GB limit: run without a cache)."""
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.onnx")
+    so = config.session_options()
+    so.optimized_model_filepath = str(tmp)
+    # Initializers go to a data file named after the final graph; the graph is renamed into place, then sealed.
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", cache.weights_name(target))
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        sess = _session(source, graph_file, so, providers)
+        os.replace(tmp, target)
+        cache.seal_graph(target)
+        return sess
+    except BundleError:
+        raise
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        return None
 
 
 def _session(source: Path, graph_file: str, so: ort.SessionOptions, providers: list) -> ort.InferenceSession:

@@ -12,7 +12,8 @@ import logging
 
 from edgespec.devices.detect import detect
 from edgespec.devices.placement import Candidate, bundle_variants, open_session, plan
-from edgespec.runtime.bundle import CACHE_DIR, Manifest
+from edgespec.runtime.bundle import Manifest
+from edgespec.runtime.cache import CACHE_DIR
 from edgespec.runtime.model import ModelRunner, SessionConfig, open_graph_session
 
 log = logging.getLogger("edgespec.runtime")

@@ -16,12 +16,11 @@ passes, first unpadded, then (where that fails) with one-token passes padded to 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from edgespec.runtime.bundle import save_cache_json
+from edgespec.runtime.cache import CacheKey, read_json, write_json
 from edgespec.runtime.model import ModelRunner
 
 # Pass sizes checked after a short context: every size a mode can verify (a proposal holds at most
@@ -88,20 +87,19 @@ def check_runner(runner: ModelRunner) -> dict:
     return verdict
 
 
-def cached_pass_check(runner: ModelRunner, cache_dir: Path, key: str) -> dict:
-    """The verdict from the bundle cache (applied to `runner`), checking and saving it atomically when absent."""
-    path = cache_dir / f"pass-check.{key}.json"
-    if path.is_file():
-        try:
-            verdict = json.loads(path.read_text())
-            if (isinstance(verdict, dict) and verdict.get("input_rows") in (1, 2)
-                    and isinstance(verdict.get("max_rows"), int) and verdict["max_rows"] >= 1
-                    and all(isinstance(verdict.get(k), list) for k in ("checked", "mismatched"))):
-                runner.pad_passes(verdict["input_rows"])
-                return verdict
-        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
-            pass
-        path.unlink(missing_ok=True)  # unreadable or from another layout: check again
+def cached_pass_check(runner: ModelRunner, root: Path, facts: tuple[str, ...]) -> dict:
+    """The verdict from the bundle cache (runtime/cache.py), applied to `runner`; checked and saved when absent."""
+    key = CacheKey("pass-check", facts)
+    verdict = read_json(root, key, _well_formed)
+    if verdict is not None:
+        runner.pad_passes(verdict["input_rows"])
+        return verdict
     verdict = check_runner(runner)
-    save_cache_json(path, verdict)
+    write_json(root, key, verdict)
     return verdict
+
+
+def _well_formed(verdict: object) -> bool:
+    return (isinstance(verdict, dict) and verdict.get("input_rows") in (1, 2)
+            and isinstance(verdict.get("max_rows"), int) and verdict["max_rows"] >= 1
+            and all(isinstance(verdict.get(k), list) for k in ("checked", "mismatched")))

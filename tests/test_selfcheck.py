@@ -32,17 +32,29 @@ def test_check_passes_on_our_graph_and_is_kept_in_the_bundle_cache(tiny_bundle, 
     assert set(range(2, MAX_PROPOSAL + 2)) <= set(engine.pass_check["checked"])  # every verify pass a mode runs
     assert engine.target.max_chunk == MAX_ROWS
     (cached,) = (bundle / "cache").glob("pass-check.target-*.json")
-    assert json.loads(cached.read_text()) == engine.pass_check
+    assert json.loads(cached.read_text())["data"] == engine.pass_check
     # The verdict is read back from the cache: a machine that found 16-row passes safe but not 17 caps passes at 16.
-    cached.write_text(json.dumps({"input_rows": 1, "checked": list(range(2, 18)), "mismatched": [17],
-                                  "max_rows": 16}))
+    capped_verdict = {"input_rows": 1, "checked": list(range(2, 18)), "mismatched": [17], "max_rows": 16}
+    cached.write_text(json.dumps({"sha256": _digest(capped_verdict), "data": capped_verdict}))
     capped = Engine.load(bundle)
     again = capped.generate("def f(x):", max_new_tokens=20)
     assert capped.target.max_chunk == 16 and again.token_ids == ar.token_ids
     assert capped.generate("def f(x):", max_new_tokens=20, mode="ngram").token_ids == ar.token_ids
     cached.write_text('{"checked": [2], "mismat')  # a truncated verdict is checked again, not trusted or fatal
     assert Engine.load(bundle).generate("def f(x):", max_new_tokens=20).token_ids == ar.token_ids
-    assert json.loads(cached.read_text())["max_rows"] == MAX_ROWS
+    assert json.loads(cached.read_text())["data"]["max_rows"] == MAX_ROWS
+    # An altered verdict that is still well-formed JSON fails its checksum and is checked again, not trusted.
+    altered = cached.read_text().replace(f'"max_rows": {MAX_ROWS}', '"max_rows": 16')
+    assert altered != cached.read_text()
+    cached.write_text(altered)
+    assert Engine.load(bundle).check_pass_sizes()["max_rows"] == MAX_ROWS
+
+
+def _digest(data) -> str:
+    """The checksum runtime/cache.py keeps beside an entry's data, written here by hand to plant an entry."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def test_a_target_whose_rows_depend_on_the_pass_is_refused_for_speculation(tiny_bundle, tmp_path):
