@@ -61,10 +61,10 @@ def node_modules() -> Path:
 @pytest.fixture(scope="module")
 def web_bundle(tiny_dir, tmp_path_factory) -> Path:
     """A tiny target, a draft derived from its first layer and an n-gram table: every mode of the JS loop runs."""
+    from conftest import quiet
+
     from edgespec.export.bundle import ExportOptions
     from edgespec.export.cli import export_bundle
-
-    from conftest import quiet
 
     out = tmp_path_factory.mktemp("web") / "bundle"
     return export_bundle(str(tiny_dir), out, derive_layers=1, ngram_tokens=200, parity=False,
