@@ -1,0 +1,6 @@
+package android.net;
+
+public abstract class Uri {
+    public abstract String getHost();
+    public abstract String getPath();
+}
