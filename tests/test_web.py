@@ -123,3 +123,188 @@ def test_node_loop_gives_python_tokens(node_modules, vectors):
     out = run(["node", "--test", "--test-reporter=spec", *tests], cwd=WEB, env={"EDGESPEC_VECTORS": str(vectors)})
     print(out)
     assert "ℹ fail 0" in out and "ℹ pass 0" not in out
+
+
+# --- Android: the APK, built from Debian packages, checked as far as this machine allows --------------------------
+
+ANDROID = ROOT / "apps" / "android"
+ASSET_HOST = "https://appassets.androidplatform.net"
+# AssetClient.smali's MIME table (verify/VerifyDex.java checks the smali side of it)
+MIME = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
+        ".css": "text/css", ".json": "application/json", ".webmanifest": "application/manifest+json",
+        ".svg": "image/svg+xml"}
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-default-apps", "--disable-sync", "--no-first-run"]
+CHAT_PROMPT = next(p for p, chat in PROMPTS if chat)
+
+
+@pytest.fixture(scope="module")
+def apk(node_modules, web_bundle, tmp_path_factory) -> Path:
+    for name in ("smali", "aapt", "zipalign", "apksigner", "keytool", "dexdump", "enjarify", "javac", "java"):
+        tool(name)
+    out = tmp_path_factory.mktemp("apk")
+    print(run(["bash", str(ANDROID / "build.sh"), "--bundle", str(web_bundle), "--out", str(out)]))
+    return out / "edgespec-chat.apk"
+
+
+def test_apk_is_signed_and_its_bytecode_verifies(apk, tmp_path):
+    """apksigner verify, aapt dump badging, dexdump, and the dex's bytecode through java -Xverify:all; a dex whose
+    register holds the wrong type for a call (the negative control) fails that last step."""
+    out = run(["bash", str(ANDROID / "verify.sh"), str(apk)])
+    print(out)
+    assert "Verifies" in out and "v2 scheme (APK Signature Scheme v2): true" in out
+    assert "package: name='org.edgespec.chat'" in out and "sdkVersion:'24'" in out
+    assert "launchable-activity: name='org.edgespec.chat.MainActivity'" in out
+    assert "verified org.edgespec.chat.MainActivity" in out and "verified org.edgespec.chat.AssetClient" in out
+    assert "mime types ok" in out
+    import zipfile
+
+    with zipfile.ZipFile(apk) as z:
+        names = set(z.namelist())
+        assert {"classes.dex", "assets/web/index.html", "assets/web/bundle/manifest.json",
+                "assets/web/vendor/ort-wasm-simd-threaded.wasm"} <= names
+        assert z.getinfo("assets/web/bundle/target/fused.onnx").compress_type == zipfile.ZIP_STORED
+    bad = tmp_path / "smali"
+    shutil.copytree(ANDROID / "smali", bad)
+    activity = bad / "org" / "edgespec" / "chat" / "MainActivity.smali"
+    good_call = "invoke-direct {v0, p0}, Landroid/webkit/WebView;-><init>(Landroid/content/Context;)V"
+    assert good_call in activity.read_text()
+    activity.write_text(activity.read_text().replace(good_call, good_call.replace("p0", "p1")))  # a Bundle
+    run(["smali", "assemble", str(bad), "-o", str(tmp_path / "classes.dex"), "--api", "24"])
+    done = subprocess.run(["bash", str(ANDROID / "verify" / "dex.sh"), str(tmp_path / "classes.dex")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "VerifyError" in done.stderr, done.stderr
+
+
+def expected(vectors: Path, mode: str) -> list[int]:
+    cases = json.loads(vectors.read_text())["cases"]
+    return next(c["token_ids"] for c in cases if c["prompt"] == CHAT_PROMPT and c["mode"] == mode)
+
+
+def chat_once(page, mode: str) -> tuple[list[int], dict]:
+    """Start a new chat in `mode`, send CHAT_PROMPT, wait for the answer: its token ids and the page's stats."""
+    page.click("#new-chat")
+    page.select_option("#mode", mode)
+    page.fill("#max-tokens", str(MAX_NEW_TOKENS))
+    page.fill("#prompt", CHAT_PROMPT)
+    page.click("#send")
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state)",
+                           timeout=120_000)
+    assert page.get_attribute("#status", "data-state") == "done", page.inner_text("#conversation")
+    ids = json.loads(page.get_attribute(".msg.assistant", "data-token-ids"))
+    origins = page.eval_on_selector_all(".msg.assistant .tok", "spans => spans.map(s => s.className)")
+    stats = {key: page.inner_text(f"#stat-{key}") for key in ("mode", "tps", "acc", "tpp", "tokens")}
+    return ids, {**stats, "origins": origins}
+
+
+def launch(playwright):
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium (.ci/run does)")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def test_webview_phone_profile_runs_the_apk_assets_and_matches_python(apk, vectors, tmp_path):
+    """The web app and bundle read from the built APK's assets, served under the WebView's asset origin with
+    AssetClient's MIME types and no cross-origin isolation (as a WebView serves them), in Chromium with a phone's
+    viewport, touch and user agent: ar, ngram and staged give the Python runtime's greedy tokens."""
+    import zipfile
+
+    from playwright.sync_api import sync_playwright
+
+    assets = zipfile.ZipFile(apk)
+
+    def serve(route):
+        path = route.request.url.split(ASSET_HOST, 1)[1].split("?")[0].lstrip("/")
+        path = path + "index.html" if not path or path.endswith("/") else path
+        try:
+            body = assets.read(f"assets/{path}")
+        except KeyError:
+            route.fulfill(status=404, content_type="text/plain", body="Not Found")
+            return
+        route.fulfill(status=200, body=body,
+                      content_type=MIME.get(Path(path).suffix, "application/octet-stream"))
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        context = browser.new_context(**p.devices["Pixel 7"])
+        context.route(f"{ASSET_HOST}/**", serve)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{ASSET_HOST}/web/index.html")
+        page.wait_for_selector("body[data-ready=true]", timeout=120_000)
+        assert page.evaluate("crossOriginIsolated") is False
+        assert page.evaluate("navigator.userAgent").find("Android") >= 0
+        assert page.viewport_size["width"] < 500
+        for mode in ("ar", "ngram", "staged"):
+            ids, stats = chat_once(page, mode)
+            print(mode, stats)
+            assert ids == expected(vectors, mode), f"{mode} in the WebView profile"
+            if mode != "ar":
+                assert any("o-draft" in c or "o-ngram" in c for c in stats["origins"]), stats
+        page.screenshot(path=str(tmp_path / "phone.png"))
+        assert not errors, errors
+        browser.close()
+
+
+class StaticServer:
+    """A plain HTTP server on 127.0.0.1 over a folder, with the MIME types browsers require for modules and WASM,
+    that forbids HTTP caching (so what a page gets offline came from its service worker and the Cache API)."""
+
+    def __init__(self, root: Path):
+        import functools
+        import http.server
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME}
+
+            def end_headers(self) -> None:
+                self.send_header("Cache-Control", "no-store")
+                super().end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server.fileno() != -1:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def test_pwa_loads_offline_the_second_time(node_modules, web_bundle, vectors, tmp_path):
+    """The installable web app: the first load fetches the page and the bundle (kept by the service worker and the
+    Cache API); with the network blocked, a reload still opens the page, loads the model and answers with the
+    Python runtime's tokens."""
+    from playwright.sync_api import sync_playwright
+
+    site = tmp_path / "site"
+    run(["node", str(WEB / "build.mjs"), "--out", str(site), "--bundle", str(web_bundle)])
+    manifest = json.loads((site / "manifest.webmanifest").read_text())
+    assert manifest["display"] == "standalone" and manifest["icons"]
+    server = StaticServer(site)
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            context = browser.new_context()
+            page = context.new_page()
+            page.goto(server.url)
+            page.wait_for_selector("body[data-ready=true][data-offline-ready=true]", timeout=120_000)
+            assert chat_once(page, "staged")[0] == expected(vectors, "staged")
+            caches = page.evaluate("caches.keys()")
+            assert "edgespec-bundle" in caches and any(c.startswith("edgespec-shell-") for c in caches), caches
+            server.close()
+            context.set_offline(True)
+            page.reload()
+            page.wait_for_selector("body[data-ready=true]", timeout=120_000)
+            assert page.evaluate("navigator.onLine") is False
+            assert page.evaluate("navigator.serviceWorker.controller !== null")
+            assert chat_once(page, "ngram")[0] == expected(vectors, "ngram")
+            browser.close()
+    finally:
+        server.close()
