@@ -118,7 +118,8 @@ function send(text) {
     message, content: message.querySelector(".content"), ids: [],
     finish(result) {
       history.push({role: "assistant", content: result.text});
-      message.dataset.tokenIds = JSON.stringify(result.tokenIds);
+      message.dataset.tokenIds = JSON.stringify(result.tokenIds); // read by tests and bench/bench_web.py
+      message.dataset.stats = JSON.stringify(result.stats);
       if (result.message) addNote(message, result.message);
       if (result.finishReason === "stopped") addNote(message, "stopped");
       showStats(result.stats);
