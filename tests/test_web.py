@@ -279,8 +279,8 @@ class StaticServer:
 
 def test_pwa_loads_offline_the_second_time(node_modules, web_bundle, vectors, tmp_path):
     """The installable web app: the first load fetches the page and the bundle (kept by the service worker and the
-    Cache API); with the network blocked, a reload still opens the page, loads the model and answers with the
-    Python runtime's tokens."""
+    Cache API) and checks pass sizes; with the server gone and the network blocked, a reload still opens the page,
+    loads the model (the pass-size verdict from the cache) and answers with the Python runtime's tokens."""
     from playwright.sync_api import sync_playwright
 
     site = tmp_path / "site"
@@ -295,6 +295,7 @@ def test_pwa_loads_offline_the_second_time(node_modules, web_bundle, vectors, tm
             page = context.new_page()
             page.goto(server.url)
             page.wait_for_selector("body[data-ready=true][data-offline-ready=true]", timeout=120_000)
+            assert page.get_attribute("body", "data-pass-check") == "checked"
             assert chat_once(page, "staged")[0] == expected(vectors, "staged")
             caches = page.evaluate("caches.keys()")
             assert "edgespec-bundle" in caches and any(c.startswith("edgespec-shell-") for c in caches), caches
@@ -303,6 +304,7 @@ def test_pwa_loads_offline_the_second_time(node_modules, web_bundle, vectors, tm
             page.reload()
             page.wait_for_selector("body[data-ready=true]", timeout=120_000)
             assert page.evaluate("navigator.onLine") is False
+            assert page.get_attribute("body", "data-pass-check") == "cached"  # the verdict kept from the first load
             assert page.evaluate("navigator.serviceWorker.controller !== null")
             assert chat_once(page, "ngram")[0] == expected(vectors, "ngram")
             browser.close()

@@ -33,8 +33,10 @@ export class Engine {
   }
 
   // Verifies and opens a bundle. `sessionOptions` go to onnxruntime (e.g. executionProviders); `onFile` reports
-  // each file as it is read; `onStage(text)` each step after the reads.
-  static async load(deps, source, {sessionOptions = {}, withDraft = true, onFile, onStage = () => {}} = {}) {
+  // each file as it is read; `onStage(text)` each step after the reads. `passCheck` is a verdict of an earlier
+  // load of the same target graph on the same machine and backend (the caller keys it), applied instead of checking.
+  static async load(deps, source, {sessionOptions = {}, withDraft = true, onFile, onStage = () => {},
+    passCheck = null} = {}) {
     const t0 = performance.now();
     const {manifest, files} = await openBundle(source, {withDraft, onFile});
     const {ort, Tokenizer, Template} = deps;
@@ -57,11 +59,17 @@ export class Engine {
         {role: "draft", ...draft}, manifest.max_context, {headIds});
     }
     const ngram = manifest.ngram ? await NgramModel.fromNpz(files[manifest.ngram.file]) : null;
-    onStage("checking that the target's rows do not depend on the pass size");
-    const passCheck = target.graphs.fused.pass_size_invariant === false
-      ? {inputRows: 1, exact: false, mismatched: {}, ms: 0, why: "an --ar-only target"}
-      : await checkPassSizes(targetRunner);
-    return new Engine(manifest, tokenizer, targetRunner, draftRunner, ngram, passCheck, performance.now() - t0);
+    let verdict;
+    if (target.graphs.fused.pass_size_invariant === false) {
+      verdict = {inputRows: 1, exact: false, mismatched: {}, ms: 0, why: "an --ar-only target"};
+    } else if (passCheck) {
+      verdict = {...passCheck, cached: true};
+      targetRunner.inputRows = verdict.inputRows;
+    } else {
+      onStage("checking that the target's rows do not depend on the pass size");
+      verdict = await checkPassSizes(targetRunner);
+    }
+    return new Engine(manifest, tokenizer, targetRunner, draftRunner, ngram, verdict, performance.now() - t0);
   }
 
   get modes() {

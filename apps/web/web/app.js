@@ -73,7 +73,9 @@ function ready(info) {
   $("stat-backend").textContent = info.backend;
   $("loading").hidden = true;
   $("send").disabled = false;
-  setStatus("ready", `ready (loaded in ${info.loadSeconds.toFixed(1)} s)`);
+  const check = info.passCheck.cached ? "pass sizes known" : `pass sizes checked in ${(info.passCheck.ms / 1000).toFixed(1)} s`;
+  setStatus("ready", `ready (loaded in ${info.loadSeconds.toFixed(1)} s, ${check})`);
+  document.body.dataset.passCheck = info.passCheck.cached ? "cached" : "checked";
   document.body.dataset.ready = "true";
 }
 

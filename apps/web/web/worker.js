@@ -72,12 +72,32 @@ function bundleSource(base, cache) {
   return source;
 }
 
+// The pass-size check's verdict, kept in the Cache API under what it depends on: the target graph's bytes, the
+// onnxruntime-web version, its thread count and the browser and CPU (the user agent and core count).
+async function passCheckStore(source) {
+  const manifest = JSON.parse(new TextDecoder().decode(await source.read("manifest.json")));
+  const graph = manifest.models.target.graphs.fused;
+  const key = new URL(`pass-check/${manifest.files[graph.data_file ?? graph.file]}/${ort.env.versions.web}`
+    + `/${ort.env.wasm.numThreads}/${navigator.hardwareConcurrency}/${encodeURIComponent(navigator.userAgent)}`,
+  self.location.href).href;
+  const store = await caches.open(BUNDLE_CACHE);
+  return {
+    async get() {
+      const hit = await store.match(key);
+      return hit ? hit.json() : null;
+    },
+    put: (verdict) => store.put(key, new Response(JSON.stringify(verdict))),
+  };
+}
+
 async function load({bundle, cache}) {
   ort.env.wasm.wasmPaths = new URL("./vendor/", import.meta.url).href;
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
   const source = bundleSource(bundle, cache);
+  const verdicts = self.caches ? await passCheckStore(source) : null;
   try {
     engine = await Engine.load({ort, Tokenizer, Template}, source, {
+      passCheck: verdicts && await verdicts.get(),
       sessionOptions: {executionProviders: ["wasm"]},
       onFile: ({index, count, rel}) => {
         Object.assign(source, {index, count});
@@ -89,6 +109,7 @@ async function load({bundle, cache}) {
     if (cache) await caches.delete(BUNDLE_CACHE); // nothing half-verified stays cached
     throw error;
   }
+  if (verdicts && !engine.passCheck.cached) await verdicts.put(engine.passCheck);
   const target = engine.manifest.models.target;
   const name = `${String(target.source).split(/[\\/]/).filter(Boolean).at(-1)} ${target.quantization.method}`
     + (engine.draft ? " + draft" : "");
