@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench_ar import build_genai_model, genai_decode
-from common import git_rev, machine, prompt_set, write_section
+from common import cold, git_rev, machine, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import physical_cores
@@ -60,6 +60,7 @@ def systems(work: Path) -> dict[str, object]:
 
 def _engine_run(engine: Engine, mode: str):
     def run(_ids: list[int], prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
+        cold(engine)
         r = engine.generate(prompt, max_new_tokens=max_new_tokens, chat=True, mode=mode)
         return r.token_ids, r.stats["seconds"]
 

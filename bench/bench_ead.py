@@ -19,7 +19,17 @@ import math
 import shutil
 from pathlib import Path
 
-from common import PROSE_PROMPTS, ROOT, ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
+from common import (
+    PROSE_PROMPTS,
+    ROOT,
+    cold,
+    ensure_bundle,
+    git_rev,
+    machine,
+    parse_with_common,
+    prompt_set,
+    write_section,
+)
 from humaneval_prompts import humaneval_prompts
 
 from edgespec.runtime.calibrate import choose_tau, plot, sweep, write_tau
@@ -67,6 +77,7 @@ def run(engine: Engine, prompts: list[str], taus: list[float], max_new_tokens: i
         for cfg in cfgs[i % len(cfgs):] + cfgs[:i % len(cfgs)]:
             mode, tau = cfg
             options = {} if tau is None else {"tau": tau}
+            cold(engine)
             results[cfg] = engine.generate(prompt, max_new_tokens=max_new_tokens, chat=True, mode=mode, **options)
         reference = results[("ar", None)].token_ids
         prompt_ids = engine.prompt_tokens(prompt, chat=True)

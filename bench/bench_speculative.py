@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
+from common import cold, ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 
@@ -29,6 +29,7 @@ def run(engines: dict[str, Engine], prompts: list[str], temperature: float, max_
         for bundle, engine in engines.items():
             ar_ids = None
             for mode in MODES:
+                cold(engine)
                 r = engine.generate(prompt, max_new_tokens=max_new_tokens, chat=True, mode=mode,
                                     temperature=temperature, seed=i)
                 acc = totals[(bundle, mode)]

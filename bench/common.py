@@ -107,6 +107,15 @@ def perplexity(engine, texts: list[str], tokens_per_text: int = 256) -> float:
     return float(np.exp(nll / count))
 
 
+def cold(engine) -> None:
+    """Empty the engine's KV buffers, so the next generation prefills its whole prompt. The engine keeps what its
+    buffers hold of a previous generation's text; when several modes share one engine, the first to run a prompt
+    would pay its prefill and the others reuse it, so every measured generation starts cold instead."""
+    for runner in (engine.target, engine.draft):
+        if runner is not None:
+            runner.rollback(0)
+
+
 def prompt_set(name: str, n: int) -> list[str]:
     if name == "humaneval":
         return humaneval_prompts(n)
