@@ -233,13 +233,39 @@ def finalize(root: Path, manifest: dict) -> None:
 
 
 def staging_dir(out: Path) -> Path:
-    """A fresh sibling of `out` to build in; same filesystem, so the final rename is atomic."""
+    """A fresh sibling of `out` to build in; same filesystem, so the final rename is atomic. What a killed export
+    left beside `out` is settled first (`recover`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def recover(out: Path) -> None:
+    """Undo what an export killed with SIGKILL (no cleanup runs) left beside `out`: its unfinished staging
+    directories are removed, and if it died between moving the old bundle aside and moving the new one in, the
+    old bundle goes back to `out` (only once no live process owns it)."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another export is writing it right now
+        if ".old-" in leftover.name and not out.exists() and (leftover / MANIFEST).is_file():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def publish(tmp: Path, out: Path) -> None:
