@@ -118,6 +118,15 @@ async function load({bundle, cache}) {
     backend: `onnxruntime-web ${ort.env.versions.web} wasm, ${ort.env.wasm.numThreads} thread(s)`});
 }
 
+// Resolves in a new task, after messages already queued (a MessageChannel, not setTimeout, which browsers clamp
+// to 4 ms once nested).
+function nextTask() {
+  const channel = new MessageChannel();
+  const done = new Promise((resolve) => { channel.port1.onmessage = resolve; });
+  channel.port2.postMessage(null);
+  return done;
+}
+
 async function generate({messages, mode, maxNewTokens}) {
   stopping = false;
   const gen = engine.generate(messages, {mode, maxNewTokens, shouldStop: () => stopping});
@@ -128,7 +137,7 @@ async function generate({messages, mode, maxNewTokens}) {
       return;
     }
     postMessage({type: "step", pieces: value.pieces, stats: value.stats});
-    await new Promise((resolve) => setTimeout(resolve, 0)); // lets a "stop" message in between steps
+    await nextTask(); // lets a "stop" message in between steps
   }
 }
 
