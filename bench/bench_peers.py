@@ -84,6 +84,7 @@ class System:
 
 @cache
 def engine(bundle: str, load_draft: bool, threads: int):
+    """One Engine per bundle: the mode rows of a bundle share it, as an application would."""
     from edgespec.runtime.engine import Engine
 
     return Engine.load(bundle, threads=threads, load_draft=load_draft)
