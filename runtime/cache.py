@@ -47,7 +47,9 @@ def entry_path(root: Path, key: CacheKey, suffix: str) -> Path:
 
 
 def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    """The checksum of `data` as JSON reads it back (integer keys become strings, which sort differently)."""
+    normal = json.loads(json.dumps(data))
+    return hashlib.sha256(json.dumps(normal, sort_keys=True).encode()).hexdigest()
 
 
 def read_json(root: Path, key: CacheKey, valid: Callable[[Any], bool] = lambda _: True) -> Any | None:

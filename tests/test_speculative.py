@@ -391,8 +391,8 @@ def test_cost_curves_are_measured_together_and_cached(tiny_pair_bundle, tmp_path
     assert engine.target.stats.passes - passes == 1 + 3 * (2 + 2)
     assert engine.target.length == 0 and engine.draft.length == 0  # both re-fed by the next generation
     engine.generate("ab ab ab", max_new_tokens=8, mode="staged")
-    cached = list((bundle / "cache").glob(f"cost-curves.v{CURVE_FORMAT}.target-*+draft-*.json"))
-    assert len(cached) == 1 and set(json.loads(cached[0].read_text())) == {"target", "draft"}
+    cached = list((bundle / "cache").glob(f"cost-curves.v{CURVE_FORMAT}.target-*+-draft-*.json"))
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())["data"]) == {"target", "draft"}
     assert Engine.load(bundle).measure_costs() == engine.cost_curves  # read back, not measured again
 
 
