@@ -1,14 +1,15 @@
 """The default mode against every fixed mode, the fastest plain decoding we have, and onnxruntime-genai's int4.
 
-What a user gets without flags: the bundle `edge-export --target default` writes, decoded with the default mode
-(`auto`). Next to it, in the same run: every fixed mode on the same bundle; `auto` and `ngram` on a `--no-draft`
-bundle (the same target, no derived draft, and so no distillation corpus in its n-gram table); our plain decoding
-on an `--ar-only` bundle of the same weights (one-row passes, no padding: the fastest `ar` we have); and
-onnxruntime-genai's own int4 model of the same model with its plain greedy loop. Every prompt runs every system in
-turn, the order rotated per prompt so that drift and position cancel (a prompt count that is a multiple of the nine
-systems gives each the same positions), every generation starting with empty KV buffers; greedy, chat template,
-same prompt token ids, the same thread count. Reported: end-to-end tokens/s (prefill included) and each system's
-ratio to genai's int4, and whether each mode's token ids equal the same bundle's `ar` on every prompt. Usage:
+What a user gets without flags: the bundle `edge-export --target default` writes (the target and its n-gram table),
+decoded with the default mode (`auto`). Next to it, in the same run: `ar` and `ngram` on the same bundle; `auto`,
+`ngram`, `spec` and `staged` on a `--derive-draft` bundle (the same target plus the derived, distilled draft, whose
+distillation corpus also feeds its n-gram table); our plain decoding on an `--ar-only` bundle of the same weights
+(one-row passes, no padding: the fastest `ar` we have); and onnxruntime-genai's own int4 model of the same model
+with its plain greedy loop. Every prompt runs every system in turn, the order rotated per prompt so that drift and
+position cancel (a prompt count that is a multiple of the nine systems gives each the same positions), every
+generation starting with empty KV buffers; greedy, chat template, same prompt token ids, the same thread count.
+Reported: end-to-end tokens/s (prefill included) and each system's ratio to genai's int4, and whether each mode's
+token ids equal the same bundle's `ar` on every prompt (the two bundles hold the same target graph). Usage:
 
     python bench/bench_default.py --prompts 9 --write-docs
 """
@@ -27,8 +28,6 @@ from common import cold, git_rev, machine, prompt_set, write_section
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.model import physical_cores
 
-MODES = ("auto", "ar", "ngram", "spec", "staged")
-
 
 def export(out: Path, *flags: str) -> Path:
     """A bundle of the default model as the CLI writes it (the README's command, plus `flags`)."""
@@ -43,15 +42,15 @@ def systems(work: Path) -> dict[str, object]:
     import onnxruntime_genai as og
 
     default = Engine.load(export(work / "default-int4"))
-    no_draft = Engine.load(export(work / "default-int4-no-draft", "--no-draft"))
+    derived = Engine.load(export(work / "default-int4-derived", "--derive-draft"))
     plain = Engine.load(export(work / "default-int4-ar-only", "--ar-only"))
     genai = og.Model(str(build_genai_model(work, {})))
     eos = set(default.tokenizer.eos_token_ids)
     runs = {}
-    for mode in MODES if default.draft is not None else ("auto", "ar", "ngram"):
+    for mode in ("auto", "ar", "ngram"):
         runs[f"edgespec {mode}"] = _engine_run(default, mode)
-    for mode in ("auto", "ngram"):
-        runs[f"edgespec {mode}, --no-draft bundle"] = _engine_run(no_draft, mode)
+    for mode in ("auto", "ngram", "spec", "staged"):
+        runs[f"edgespec {mode}, --derive-draft bundle"] = _engine_run(derived, mode)
     runs["edgespec ar, --ar-only bundle"] = _engine_run(plain, "ar")
 
     def genai_run(ids: list[int], _prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
@@ -97,7 +96,7 @@ def table(totals: dict, eos: set[int]) -> list[str]:
         tps = acc["tokens"] / acc["seconds"]
         outs = [[t for t in out if t not in eos] for out in acc["outputs"]]
         same = f"{sum(a == b for a, b in zip(outs, ar, strict=True))}/{len(ar)}" if name.startswith("edgespec") \
-            and "--ar-only" not in name else "–"  # a --no-draft bundle holds the same target graph
+            and "--ar-only" not in name else "–"
         lines.append(f"| {name} | {tps:.1f} | {tps / peer_tps:.2f} | {same} |")
     return lines
 
