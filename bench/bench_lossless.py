@@ -1,6 +1,7 @@
-"""Greedy losslessness on every HumanEval prompt: spec, staged and ngram token ids must equal ar's.
+"""Greedy losslessness on every HumanEval prompt: spec, staged, ngram and auto token ids must equal ar's.
 
     python bench/bench_lossless.py --quant int8 --max-new-tokens 128 [--limit N] [--write-docs]
+    python bench/bench_lossless.py --bundle bench/.work/default-int4-derived --max-new-tokens 128 --write-docs
 
 Exits non-zero on the first mismatch (after printing it), so it can gate a release.
 """
@@ -11,20 +12,22 @@ import argparse
 import sys
 import time
 
-from common import ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
+from common import command, ensure_bundle, git_rev, machine, parse_with_common, prompt_set, write_section
 
 from edgespec.runtime.engine import Engine
 
-MODES = ("spec", "staged", "ngram")
+MODES = ("spec", "staged", "ngram", "auto")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant", default="int8")
     ap.add_argument("--limit", type=int, default=164)
+    ap.add_argument("--bundle", help="a bundle with a draft (default: the --quant bundle with a derived draft)")
     args, work = parse_with_common(ap)
-    bundle = ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers, ngram_tokens=4000,
-                           distill_minutes=args.distill_minutes)
+    bundle = args.bundle or ensure_bundle(work, args.quant, {}, derive_layers=args.draft_layers, ngram_tokens=4000,
+                                          distill_minutes=args.distill_minutes)
+    name = args.bundle or args.quant
     engine = Engine.load(bundle)
     prompts = prompt_set("humaneval", args.limit)
     t0 = time.perf_counter()
@@ -45,19 +48,19 @@ def main() -> int:
             passes[mode] += r.stats["target_passes"]
         if i % 10 == 0:
             print(f"{i + 1}/{len(prompts)} prompts identical ({time.perf_counter() - t0:.0f}s)", flush=True)
-    summary = (f"{len(prompts)} HumanEval prompts × up to {args.max_new_tokens} new tokens, {args.quant} bundle: "
-               f"`spec`, `staged` and `ngram` produced token ids identical to `ar` on every prompt "
+    summary = (f"{len(prompts)} HumanEval prompts × up to {args.max_new_tokens} new tokens, {name} bundle: "
+               f"`spec`, `staged`, `ngram` and `auto` produced token ids identical to `ar` on every prompt "
                f"({tokens['ar']} tokens each). Target passes: " +
                ", ".join(f"{m} {passes[m]}" for m in ("ar", *MODES)) + ".")
     print(summary)
     if args.write_docs:
         write_section("lossless", "\n".join([
             "## Greedy losslessness on HumanEval", "",
-            f"Machine: {machine()}. Commit {git_rev()}. Command: `python bench/bench_lossless.py --quant {args.quant} "
-            f"--max-new-tokens {args.max_new_tokens} --write-docs` (chat template, adaptive sizes).", "", summary]),
-            "\n".join(["| bundle | HumanEval prompts | `spec`, `staged`, `ngram` = `ar` | tokens each "
-                       "| target passes (ar / spec / staged / ngram) |", "|---|---|---|---|---|",
-                       f"| {args.quant} | {len(prompts)} | every prompt | {tokens['ar']} | "
+            f"Machine: {machine()}. Commit {git_rev()}. Command: `{command()}` (chat template, adaptive sizes).",
+            "", summary]),
+            "\n".join(["| bundle | HumanEval prompts | `spec`, `staged`, `ngram`, `auto` = `ar` | tokens each "
+                       "| target passes (ar / spec / staged / ngram / auto) |", "|---|---|---|---|---|",
+                       f"| {name} | {len(prompts)} | every prompt | {tokens['ar']} | "
                        f"{' / '.join(str(passes[m]) for m in ('ar', *MODES))} |"]))
     return 0
 

@@ -4,7 +4,7 @@ thread as in Android's WebView), side by side in one run, each answer checked to
 runtime's greedy answer on the same bundle; and the loop's own cost per token (time outside onnxruntime's runs)
 next to the Python runtime's. Usage:
 
-    edge-export --target default --quant int4 --max-context 512 --out bundles/phone-int4    # the apps' bundle
+    edge-export --target default --quant int4 --derive-draft --max-context 512 --out bundles/phone-int4
     python bench/bench_web.py --bundle bundles/phone-int4 --write-docs
 
 Needs Debian's chromium and `npm ci` in apps/web (docs/web-and-android.md).
@@ -167,6 +167,7 @@ def main() -> None:
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():
         raise SystemExit(f"{bundle} is not a bundle; export it first: edge-export --target default --quant int4 "
+                         "--derive-draft "
                          f"--max-context 512 --out {bundle}")
     prompts = prompt_set("humaneval", args.prompts)
     py = python_runs(bundle, prompts, args.max_new_tokens)
