@@ -548,13 +548,12 @@ def headline(rows: list[System], tps: dict[str, float]) -> list[str]:
     lines = ["| system | configuration | tokens/s end to end | × fastest peer |", "|---|---|---|---|"]
     peers = [name for name in tps if not name.startswith("edgespec")]
     top = max(tps[name] for name in peers) if peers else math.nan
-    default = DEFAULT_ROW
-    if default in tps:
-        lines.append(f"| edgespec | int4 auto (the default) | {tps[default]:.1f} | {tps[default] / top:.2f} |")
+    if DEFAULT_ROW in tps:
+        lines.append(f"| edgespec | int4 auto (the default) | {tps[DEFAULT_ROW]:.1f} | {tps[DEFAULT_ROW] / top:.2f} |")
     for peer in COLORS:
         mine = [row for row in rows if row.peer == peer and row.name in tps]
         best = max(mine, key=lambda row: tps[row.name], default=None)
-        if best is not None and best.name != default:
+        if best is not None and best.name != DEFAULT_ROW:
             lines.append(f"| {peer} | {best.config} | {tps[best.name]:.1f} | {tps[best.name] / top:.2f} |")
     return lines
 
@@ -620,14 +619,14 @@ def description(args: argparse.Namespace) -> str:
 
 
 def report(args: argparse.Namespace, sections: list[str], notes: list[str], summary: list[str]) -> None:
-    from common import ROOT, command, git_rev, machine, write_section
+    """The full report (docs/benchmark-log/peers.md) and the summary in docs/benchmarks.md, both with the chart."""
+    from common import command, git_rev, machine, write_section
 
-    png = ROOT / "docs" / "peers.png"
     body = ["## The peers a user would pick instead", "",
             f"Machine: {machine()}. Commit {git_rev()}. Command: `{command()}`. Versions: {versions()}.", "",
             description(args), "", "![end-to-end tokens/s of every row](../peers.png)", "", *sections, "",
-            "### Notes: peer modes that did not run", "", *[f"- {note}" for note in notes]]
-    write_section("peers", "\n".join(body), "\n".join([*summary, "", f"![tokens/s]({png.name})"]).strip())
+            "### Notes: what did not run, and why", "", *[f"- {note}" for note in notes]]
+    write_section("peers", "\n".join(body), "\n".join([*summary, "", "![tokens/s](peers.png)"]).strip())
 
 
 def main() -> None:
