@@ -558,6 +558,26 @@ def _load_tensors(path: Path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
+def _resume(checkpoint: Path, params: dict, opt, sequences: int, log: Callable[[str], None]) -> dict:
+    """The training state, with the weights and AdamW moments of a checkpoint made on this same corpus loaded."""
+    import torch
+
+    state = {"step": 0, "seconds": 0.0, "agreement": None, "corpus_sequences": sequences}
+    if not checkpoint.is_file():
+        return state
+    tensors, meta = _load_tensors(checkpoint)
+    if meta["state"].get("corpus_sequences") != sequences:  # trained on a shorter corpus a cap cut: other batches
+        log("distill: the corpus grew since the last checkpoint; training from the start")
+        return state
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors["param/" + name])
+    opt.load_state_dict(_optimizer_state(opt, params, tensors, meta["optimizer_step"]))
+    state = meta["state"]
+    log(f"distill: resuming at step {state['step']} ({state['seconds']:.0f}s trained)")
+    return state
+
+
 def train(student, corpus: Corpus, config: DistillConfig, checkpoint: Path, log: Callable[[str], None],
           head_ids: np.ndarray | None = None, deadline: float | None = None,
           clock: Callable[[], float] = time.perf_counter) -> dict:
@@ -573,19 +593,7 @@ def train(student, corpus: Corpus, config: DistillConfig, checkpoint: Path, log:
     config = with_precision(config, log)
     params = trainable_parameters(student)
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
-    sequences = len(corpus.starts)
-    state = {"step": 0, "seconds": 0.0, "agreement": None, "corpus_sequences": sequences}
-    if checkpoint.is_file():
-        tensors, meta = _load_tensors(checkpoint)
-        if meta["state"].get("corpus_sequences") == sequences:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(tensors["param/" + name])
-            opt.load_state_dict(_optimizer_state(opt, params, tensors, meta["optimizer_step"]))
-            state = meta["state"]
-            log(f"distill: resuming at step {state['step']} ({state['seconds']:.0f}s trained)")
-        else:  # trained on a shorter corpus, cut by a cap: its batches are not this corpus's
-            log("distill: the corpus grew since the last checkpoint; training from the start")
+    state = _resume(checkpoint, params, opt, len(corpus.starts), log)
     student.train()
     last_save = t_start = clock()
     start_step = state["step"]

@@ -67,34 +67,10 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[st
     A fused graph computes logits for rows `logits_from`.. of the chunk only: the LM head is a fifth of
     SmolLM2-135M's multiply-adds per row, and a prefill chunk needs the logits of its last row alone.
     """
-    if variant not in ("fused", "static"):
-        raise ValueError(f"unknown graph variant {variant!r}")
-    if variant == "static" and chunk is None:
-        raise ValueError("the static variant needs a fixed chunk length")
-    if attention_rows not in (1, 2) or (attention_rows > 1 and variant != "fused"):
-        raise ValueError("attention_rows is 1, or 2 for the fused variant")
-    if not tree_mask and variant != "fused":
-        raise ValueError("only the fused variant can drop the tree mask")
+    _check_variant(variant, chunk, attention_rows, tree_mask)
     g = _Graph()
-    S = chunk if chunk is not None else "chunk"
-    nkv, D = spec.num_kv_heads, spec.head_dim
-    kv_shape = [1, nkv, max_context, D]
-
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, S]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, [S, S]),
-        helper.make_tensor_value_info("past_length", TensorProto.INT64, [1]),
-    ]
-    for name in kv_input_names(spec.num_layers):
-        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape))
     head_rows = weights["lm_head"].shape[0]  # below vocab_size for a draft with a restricted head
-    logit_rows: int | str = S
-    if variant == "fused":
-        inputs.append(helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]))
-        logit_rows = "logit_rows"
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logit_rows, head_rows])]
-
+    inputs, outputs = _interface(spec, variant, chunk, max_context, head_rows)
     g.const("embed_tokens.weight", weights["embed_tokens"].astype(np.float32))
     x = g.op("Gather", ["embed_tokens.weight", "input_ids"], name="embed_tokens")
     if spec.embedding_scale != 1.0:  # Gemma: after the lookup, so a tied head reads the unscaled table
@@ -113,7 +89,44 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[st
         h = g.op("Slice", [h, "logits_from", "chunk_len", g.const("logits_axis", np.array([1], np.int64))],
                  name="logits_rows")
     _lm_head(g, spec, weights, h, tie_lm_head and spec.tie_word_embeddings and head_rows == spec.vocab_size)
+    graph = helper.make_graph(g.nodes, f"edgespec_decoder_{variant}", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgespec")
+    model.ir_version = 8
+    return model
 
+
+def _check_variant(variant: str, chunk: int | None, attention_rows: int, tree_mask: bool) -> None:
+    if variant not in ("fused", "static"):
+        raise ValueError(f"unknown graph variant {variant!r}")
+    if variant == "static" and chunk is None:
+        raise ValueError("the static variant needs a fixed chunk length")
+    if attention_rows not in (1, 2) or (attention_rows > 1 and variant != "fused"):
+        raise ValueError("attention_rows is 1, or 2 for the fused variant")
+    if not tree_mask and variant != "fused":
+        raise ValueError("only the fused variant can drop the tree mask")
+
+
+def _interface(spec: ModelSpec, variant: str, chunk: int | None, max_context: int,
+               head_rows: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """The graph's inputs and outputs (docs/kv-interface.md): the fixed-size K/V buffers in; the logits and either
+    the whole updated buffers (fused) or the chunk's new K/V (static) out."""
+    S = chunk if chunk is not None else "chunk"
+    nkv, D = spec.num_kv_heads, spec.head_dim
+    kv_shape = [1, nkv, max_context, D]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, S]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, [S, S]),
+        helper.make_tensor_value_info("past_length", TensorProto.INT64, [1]),
+    ]
+    for name in kv_input_names(spec.num_layers):
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape))
+    logit_rows: int | str = S
+    if variant == "fused":
+        inputs.append(helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]))
+        logit_rows = "logit_rows"
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, logit_rows, head_rows])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             if variant == "fused":
@@ -121,11 +134,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[st
             else:
                 outputs.append(helper.make_tensor_value_info(f"new_{kind}.{i}", TensorProto.FLOAT,
                                                              [1, nkv, chunk, D]))
-    graph = helper.make_graph(g.nodes, f"edgespec_decoder_{variant}", inputs, outputs, g.inits)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgespec")
-    model.ir_version = 8
-    return model
+    return inputs, outputs
 
 
 @dataclass
