@@ -69,7 +69,7 @@ def _run_here(bundle: str, items: list[Record | BadLine], settings: BatchSetting
         if engine is None:
             engine = Engine.load(bundle, device=device, threads=threads)
             engine.cost_curves = curves
-        yield generate_record(engine, item, settings)
+        yield _generate_or_stop(engine, item, settings)
 
 
 def _run_in_processes(bundle: str, items: list[Record | BadLine], settings: BatchSettings, workers: int,
@@ -136,9 +136,18 @@ def _worker(bundle: str, settings: BatchSettings, threads: int, device: str | di
     while (task := tasks.get()) is not None:
         index, record = task
         try:
-            output = generate_record(engine, record, settings)
-        except Exception as exc:  # not the record's fault (generate_record): stop the job, keep what is written
-            results.put((-1, {"error": f"a batch worker failed on the record on line {record.line}: "
-                                       f"{type(exc).__name__}: {exc}"}))
+            output = _generate_or_stop(engine, record, settings)
+        except WorkerError as exc:
+            results.put((-1, {"error": str(exc)}))
             return
         results.put((index, output))
+
+
+def _generate_or_stop(engine: Engine, record: Record, settings: BatchSettings) -> dict:
+    """The record's output line; a failure that is not the record's fault (generate_record) stops the job with a
+    WorkerError naming the record, and what is written stays for a re-run."""
+    try:
+        return generate_record(engine, record, settings)
+    except Exception as exc:
+        raise WorkerError(f"a batch worker failed on the record on line {record.line}: "
+                          f"{type(exc).__name__}: {exc}") from exc
