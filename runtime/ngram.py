@@ -189,7 +189,7 @@ def table_source(probability: float) -> str:
     (runtime/ngram_sizing.py) learns a rate per band instead of one for every guess: with the corpus table the
     target accepted 54-76 % of the guesses the table gives >= 0.5 and 23-41 % of the others, and `ngram` on the
     w8a8 pair ran 4-6 % faster side by side (docs/speculative.md, "Table guesses sized by their probability")."""
-    return "table-hi" if probability >= 0.5 else "table" if probability >= 0.2 else "table-lo"
+    return "table-hi" if probability >= 0.5 else "table"
 
 
 class NgramDrafter:
@@ -205,11 +205,7 @@ class NgramDrafter:
 
     def propose_sourced(self, tail: Sequence[int], max_tokens: int) -> tuple[list[int], list[str]]:
         """The chain and where each token came from: "ctx<n>" (copied after an n-token context match,
-        n up to the lookup's max_n) or "table" / "table-hi" (the trigram table's best guess, `table_source`).
-
-        With nothing else to propose, the table's best guess however unlikely ("table-lo") is the first token: on a
-        target whose one-row passes run padded to two rows (runtime/selfcheck.py) verifying one guess costs
-        nothing, and where it does cost, the sizing (runtime/ngram_sizing.py) cuts it by its measured rate."""
+        n up to the lookup's max_n) or "table" / "table-hi" (the trigram table's best guess, `table_source`)."""
         if max_tokens <= 0:
             return [], []
         out, n = self.lookup.match(tail, max_tokens)
@@ -218,13 +214,11 @@ class NgramDrafter:
             context = list(self.lookup.tokens[-2:]) + list(tail) + out
             while len(out) < max_tokens:
                 best = self.model.next_distribution(context, 1)
-                if not best or (best[0][1] < 0.2 and out):
+                if not best or best[0][1] < 0.2:
                     break
                 out.append(best[0][0])
                 sources.append(table_source(best[0][1]))
                 context.append(best[0][0])
-                if sources[-1] == "table-lo":
-                    break
         return out, sources
 
     def alternatives(self, tail: Sequence[int], exclude: int | None, n: int) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 # The table's guesses: 0.2 for both bands of runtime/ngram.py's `table_source` since the table counts the
 # distillation corpus (one "table" rate at a 0.08 prior before; the rates each band learns: docs/speculative.md).
-PRIORS = {"ctx4": 0.85, "ctx3": 0.6, "ctx2": 0.5, "ctx1": 0.2, "table": 0.2, "table-hi": 0.2, "table-lo": 0.05}
+PRIORS = {"ctx4": 0.85, "ctx3": 0.6, "ctx2": 0.5, "ctx1": 0.2, "table": 0.2, "table-hi": 0.2}
 PRIOR_WEIGHT = 2.0  # the prior counts as this many proposed tokens
 
 

@@ -32,6 +32,7 @@ export function build({out = join(HERE, "dist"), bundle = null} = {}) {
   cpSync(join(HERE, "web"), out, {recursive: true});
   cpSync(join(HERE, "src"), join(out, "src"), {recursive: true});
   cpSync(join(HERE, "..", "desktop", "chat_page", "style.css"), join(out, "chat.css"));
+  cpSync(join(HERE, "..", "desktop", "chat_page", "messages.js"), join(out, "messages.js"));
   for (const [name, from] of Object.entries(VENDOR)) {
     const path = join(HERE, "node_modules", from);
     if (!existsSync(path)) throw new Error(`${path} is missing: run npm ci in apps/web first`);

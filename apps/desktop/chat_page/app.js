@@ -1,7 +1,7 @@
 // The chat page: streams /v1/chat/completions (server-sent events over fetch, so the request can be a POST and
 // the stop button can abort it, which the server sees as a disconnect and stops decoding), colours each token by
 // the origin the server reports in the chunk's `edgespec` object, and keeps the conversation in `history`.
-"use strict";
+import {addMessage, addNote} from "./messages.js";
 
 const $ = (id) => document.getElementById(id);
 const history = [];
@@ -35,28 +35,6 @@ function setStatus(state, text) {
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").disabled = !busy;
-}
-
-function addMessage(role, text) {
-  const message = document.createElement("div");
-  message.className = `msg ${role}`;
-  const label = document.createElement("div");
-  label.className = "role";
-  label.textContent = role;
-  const content = document.createElement("div");
-  content.className = "content";
-  content.textContent = text;
-  message.append(label, content);
-  $("conversation").append(message);
-  message.scrollIntoView({block: "end"});
-  return message;
-}
-
-function addNote(message, text) {
-  const note = document.createElement("div");
-  note.className = "note";
-  note.textContent = text;
-  message.append(note);
 }
 
 const number = (value, digits) => (value === null || value === undefined ? "–" : value.toFixed(digits));

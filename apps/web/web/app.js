@@ -2,6 +2,8 @@
 // (worker.js) instead of behind a server. The page only draws: it sends the conversation to the worker and
 // appends each step's tokens, coloured by origin, with the live stats.
 
+import {addMessage, addNote} from "./messages.js";
+
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const inApp = location.hostname === "appassets.androidplatform.net"; // the Android WebView shell
@@ -23,28 +25,6 @@ function setBusy(value) {
   busy = value;
   $("send").disabled = value;
   $("stop").disabled = !value;
-}
-
-function addMessage(role, text) {
-  const message = document.createElement("div");
-  message.className = `msg ${role}`;
-  const label = document.createElement("div");
-  label.className = "role";
-  label.textContent = role;
-  const content = document.createElement("div");
-  content.className = "content";
-  content.textContent = text;
-  message.append(label, content);
-  $("conversation").append(message);
-  message.scrollIntoView({block: "end"});
-  return message;
-}
-
-function addNote(message, text) {
-  const note = document.createElement("div");
-  note.className = "note";
-  note.textContent = text;
-  message.append(note);
 }
 
 function showStats(stats) {
