@@ -12,7 +12,9 @@ curves (runtime/costs.py) and the pass-size check's verdict (runtime/selfcheck.p
   the data, a graph has a `.sha256` file beside it holding the digests of the graph and of its weights file. An
   entry that is truncated, altered or half-written is dropped and made again, never trusted.
 - **Written atomically**, to a temporary name renamed into place; a graph's digest file is written last, so a graph
-  without one was never finished. A read-only bundle is not written to: it measures again next time.
+  without one was never finished. A read-only bundle is not written to: it measures again next time. A writer
+  killed mid-write leaves only its temporary file (named after its process id), which the next writer in that
+  folder removes (`remove_dead_temporaries`).
 
 Devices (devices/placement.py) keep compiled EP-context and provider blob caches in `cache/<provider>/`, named by
 the providers' own rules; those are the providers' formats, outside this scheme.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +132,41 @@ def _writable(path: Path) -> bool:
     return os.access(path.parent.parent, os.W_OK)
 
 
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    """Where a writer in this process stages `path`: the process id in the name tells a killed writer's leftovers
+    from a running one's."""
+    return path.with_name(f"{path.stem if suffix else path.name}.tmp{os.getpid()}{suffix}")
+
+
+_TEMPORARY = re.compile(r"\.tmp(\d+)(\.[A-Za-z]+)?$")
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of writers that no longer run (killed mid-write), so that repeated kills cannot
+    fill the disk with half-written optimized graphs; returns what was removed."""
+    removed = []
+    for path in Path(folder).glob("*.tmp*"):
+        match = _TEMPORARY.search(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replace(path: Path, content: bytes) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    remove_dead_temporaries(path.parent)
+    tmp = temporary_name(path)
     try:
         tmp.write_bytes(content)
         os.replace(tmp, path)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.runtime.bundle import MANIFEST
+from edgespec.runtime.cache import remove_dead_temporaries, temporary_name
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.quality import rouge_l, token_agreement
 
@@ -70,9 +71,13 @@ def write_tau(bundle: str | Path, chosen: dict, rows: list[dict], quality: float
     manifest = json.loads(path.read_text())
     manifest.setdefault("runtime", {})["ead"] = {"tau": chosen["tau"], "quality_target": quality,
                                                   "chosen": chosen, "sweep": rows}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    remove_dead_temporaries(path.parent)
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves no stray temporary file
+        tmp.unlink(missing_ok=True)
 
 
 def plot(rows: list[dict], chosen: dict, quality: float, out: str | Path) -> None:

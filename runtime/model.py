@@ -144,7 +144,8 @@ def _optimize_into(source: Path, graph_file: str, config: SessionConfig, provide
     """A session over `source` that also saves onnxruntime's optimized graph as `target` (sealed with its digests),
     or None when saving fails (e.g. an optimized graph over protobuf's 2 GB limit: run without a cache)."""
     target.parent.mkdir(exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.onnx")
+    cache.remove_dead_temporaries(target.parent)
+    tmp = cache.temporary_name(target, ".onnx")
     so = config.session_options()
     so.optimized_model_filepath = str(tmp)
     # Initializers go to a data file named after the final graph; the graph is renamed into place, then sealed.
