@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgespec.runtime.accept import verify_chain_sampling, verify_deterministic
 from edgespec.runtime.decoding import DecodeState, ModeError, catch_up, check_size
 from edgespec.runtime.sampling import apply_repetition_penalty, process_logits, sample
 from edgespec.runtime.stats import SpecStats
@@ -92,26 +93,33 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
         proposal.append(feed)
         q_rows.append(q)
     stats.add_time("draft", time.perf_counter() - t_draft)
-    t_verify = time.perf_counter()
-    start = target.length
-    p_logits = target.forward([tokens[-1]] + proposal).copy()
-    p = distributions(state, p_logits, [proposal[:i] for i in range(k + 1)])
-    if state.params.greedy:
-        n = 0
-        while n < k and proposal[n] == int(np.argmax(p[n])):
-            n += 1
-        nxt = int(np.argmax(p[n]))
-    elif k == 0:
-        n, nxt = 0, sample(p[0], state.rng)
-    else:
-        from edgespec.runtime.accept import verify_chain_sampling
+    n, nxt, _, logits = verify(state, stats, proposal, q_rows, sampled=not state.params.greedy)
+    draft.rollback(min(draft.length, target.length))
+    return proposal[:n] + [nxt], logits[:n + 1].copy()
 
-        n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q_rows).reshape(k, -1), p, state.rng)
+
+def verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[np.ndarray] | None = None,
+           sampled: bool = False) -> tuple[int, int, RowDistributions, np.ndarray]:
+    """The one verification every speculative mode runs: a target pass over the pending token plus `proposal`,
+    the exact acceptance rule (runtime/accept.py), and the target rolled back to the accepted prefix plus one.
+
+    `sampled`: the proposal was drawn from the draft distributions `q` (Leviathan's rule); otherwise it was
+    chosen deterministically (a draft's argmax, n-gram or context lookup: the deterministic-proposal rule, which
+    needs no q). Returns (tokens accepted, the token after them, the target's rows, its logits)."""
+    target, tokens = state.target, state.tokens
+    t0 = time.perf_counter()
+    start = target.length
+    logits = target.forward([tokens[-1]] + proposal)
+    p = RowDistributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
+    if sampled and proposal:  # an empty proposal (nothing to draft) is an ar step
+        n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q).reshape(len(proposal), -1),
+                                       p, state.rng)
+    else:
+        n, nxt = verify_deterministic(proposal, p, state.rng, state.params.greedy)
     target.rollback(start + 1 + n)
-    draft.rollback(min(draft.length, start + 1 + n))
-    stats.add_time("verify", time.perf_counter() - t_verify)
-    stats.record_step(drafted=k, accepted=n, target_tokens=k + 1)
-    return proposal[:n] + [nxt], p_logits[:n + 1]
+    stats.add_time("verify", time.perf_counter() - t0)
+    stats.record_step(drafted=len(proposal), accepted=n, target_tokens=len(proposal) + 1)
+    return n, nxt, p, logits
 
 
 def _pass_seconds(state: DecodeState) -> tuple[float | None, float | None]:

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgespec.runtime.accept import verify_chain_sampling, verify_deterministic
 from edgespec.runtime.costs import interpolate
 from edgespec.runtime.decoding import DecodeState, catch_up, check_size
 from edgespec.runtime.ngram import ContextLookup, NgramDrafter
 from edgespec.runtime.ngram_sizing import SourceAcceptance
 from edgespec.runtime.sampling import sample
-from edgespec.runtime.speculative import RowDistributions, prefill_target, require_draft
+from edgespec.runtime.speculative import RowDistributions, prefill_target, require_draft, verify
 from edgespec.runtime.stats import SpecStats, expected_tokens
 from edgespec.runtime.tree import DraftTree
 
@@ -72,24 +71,11 @@ def ngram_drafter(state: DecodeState) -> NgramDrafter:
 
 def _verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[np.ndarray] | None = None,
             rule: ProposalRule | None = None) -> tuple[list[int], np.ndarray]:
-    """Target pass over the pending token plus `proposal`; returns the accepted prefix plus one more token,
-    and the target's logits for each of them. `q`: the draft distributions at the proposal's tokens
-    (sampling only); the proposal was drawn from them if `rule.sampled`, else it is deterministic."""
-    target, tokens = state.target, state.tokens
-    t0 = time.perf_counter()
-    start = target.length
-    logits = target.forward([tokens[-1]] + proposal)
-    p = RowDistributions(state, logits, [proposal[:i] for i in range(len(proposal) + 1)])
-    if rule is not None and rule.sampled and proposal:  # an empty path (a full draft buffer) is an ar step
-        n, nxt = verify_chain_sampling(np.asarray(proposal, np.int64), np.asarray(q).reshape(len(proposal), -1),
-                                       p, state.rng)
-    else:
-        n, nxt = verify_deterministic(proposal, p, state.rng, state.params.greedy)
+    """`verify` (runtime/speculative.py), telling the path rule how each verified position fared; returns the
+    accepted prefix plus one more token, and the target's logits for each of them."""
+    n, nxt, p, logits = verify(state, stats, proposal, q, sampled=rule is not None and rule.sampled)
     if rule is not None:
         rule.record(p, q, min(n + 1, len(proposal)))
-    target.rollback(start + 1 + n)
-    stats.add_time("verify", time.perf_counter() - t0)
-    stats.record_step(drafted=len(proposal), accepted=n, target_tokens=len(proposal) + 1)
     return proposal[:n] + [nxt], logits[:n + 1]
 
 

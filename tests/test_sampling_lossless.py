@@ -16,7 +16,7 @@ from conftest import quiet
 from scipy.stats import chi2
 from tiny import make_tiny_model_dir
 
-import edgespec.runtime.accept as accept
+import edgespec.runtime.speculative as speculative
 import edgespec.runtime.staged as staged
 from edgespec.export.bundle import ExportOptions
 from edgespec.export.cli import export_bundle
@@ -206,9 +206,8 @@ def _broken_chain_rule(proposal, q, p, rng):
 
 def test_broken_chain_rule_is_detected(engine, exact, monkeypatch):
     """The broken rule biases `spec`, and `staged`, whose sampled draft paths the same rule verifies."""
-    monkeypatch.setattr(accept, "verify_chain_sampling", _broken_chain_rule)
+    monkeypatch.setattr(speculative, "verify_chain_sampling", _broken_chain_rule)
     assert chi_square_p(engine, exact, "spec") < 1e-6
-    monkeypatch.setattr(staged, "verify_chain_sampling", _broken_chain_rule)
     assert chi_square_p(engine, exact, "staged-sample") < 1e-6
 
 
@@ -221,7 +220,7 @@ def test_broken_deterministic_rule_is_detected(engine, exact, monkeypatch):
             return i, sample(p[i], rng)
         return len(proposal), sample(p[len(proposal)], rng)
 
-    monkeypatch.setattr(staged, "verify_deterministic", broken)
+    monkeypatch.setattr(speculative, "verify_deterministic", broken)
     assert chi_square_p(engine, exact, "ngram") < 1e-6
     assert chi_square_p(engine, exact, "staged") < 1e-6  # the draft's argmax paths
 
