@@ -136,23 +136,34 @@ class EngineWorker:
     """The thread that runs every generation of one engine, from a queue of at most `max_waiting` jobs."""
 
     def __init__(self, engine: Engine, max_waiting: int = 8):
-        if max_waiting < 1:  # a queue.Queue of size 0 would have no bound at all
+        if max_waiting < 1:
             raise ValueError(f"at least one request must be able to wait, got max_waiting={max_waiting}")
         self.engine = engine
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_waiting)
+        self.max_waiting = max_waiting
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.running: Job | None = None
+        # Jobs taken and not yet finished (queued or running), counted under a lock: the queue's own size would
+        # count a job the idle worker is about to take as waiting, and refuse a request that only has to wait
+        # behind it.
+        self._admitted = 0
+        self._lock = threading.Lock()
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self.seconds = 0.0  # summed over finished generations: the mean sets Retry-After
         self._thread = threading.Thread(target=self._loop, name="edgespec-generation", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; raises queue.Full when `max_waiting` jobs already wait."""
+        """Queue a job; raises queue.Full when `max_waiting` jobs would wait behind the running one."""
+        with self._lock:
+            if self._admitted > self.max_waiting:
+                raise queue.Full
+            self._admitted += 1
         self.jobs.put_nowait(job)
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize()
+        """Jobs taken that wait for the running one (or for the worker to pick them up)."""
+        return max(0, self._admitted - 1)
 
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely free: the mean generation time per job ahead."""
@@ -186,6 +197,8 @@ class EngineWorker:
                 _emit(job, Failed(exc))
             finally:
                 self.running = None
+                with self._lock:
+                    self._admitted -= 1
             self.counts[outcome] += 1
             self.seconds += time.perf_counter() - t0
 

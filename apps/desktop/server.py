@@ -20,6 +20,7 @@ import uuid
 import webbrowser
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -34,6 +35,7 @@ from edgespec.apps.desktop.schema import ChatCompletionRequest, CompletionReques
 from edgespec.runtime.decoding import ModeError
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.modes import DEFAULT_MODE, MODES, make_request
+from edgespec.runtime.modes import Request as GenerationRequest
 from edgespec.runtime.origins import ORIGINS
 
 log = logging.getLogger("edgespec.serve")
@@ -59,18 +61,86 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+@dataclass
+class Served:
+    """What the routes answer from: the loaded engine, its worker thread, the name it is served as and the mode of
+    requests that name none."""
+
+    engine: Engine
+    worker: EngineWorker
+    model_id: str
+    mode: str
+    max_body_bytes: int
+
+    def model_card(self) -> dict:
+        created = int(self.engine.manifest.root.stat().st_mtime)
+        return {"id": self.model_id, "object": "model", "created": created, "owned_by": "edgespec",
+                "edgespec": {"default_mode": self.mode, "modes": {name: m.help for name, m in MODES.items()},
+                             "origins": ORIGINS, "max_context": self.engine.max_context,
+                             "draft": self.engine.draft is not None}}
+
+
 def create_app(engine: Engine, model_id: str, mode: str = DEFAULT_MODE, max_waiting: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server for one loaded engine, served as `model_id`; `mode` is for requests that name none."""
-    worker = EngineWorker(engine, max_waiting)
+    served = Served(engine, EngineWorker(engine, max_waiting), model_id, mode, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(served.worker.close)
 
     app = FastAPI(title="edgespec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(engine.manifest.root.stat().st_mtime)
+    _add_error_handlers(app)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html")
+
+    app.mount("/static", StaticFiles(directory=PAGE), name="static")
+
+    @app.get("/health")
+    async def health() -> dict:
+        worker = served.worker
+        return {"status": "ok", "model": model_id, "busy": worker.running is not None, "waiting": worker.waiting,
+                "generations": dict(worker.counts)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [served.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict:
+        if name != model_id:
+            raise _unknown_model(name, model_id)
+        return served.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = _parse(ChatCompletionRequest, await _read_json(request, max_body_bytes))
+        _check_model(body.model, model_id)
+        messages = [m.as_dict() for m in body.messages]
+        try:
+            tokens = engine.prompt_tokens(messages, chat=True)
+        except (ValueError, jinja2.TemplateError) as exc:
+            raise ApiError(400, f"messages: {exc}", param="messages") from exc
+        return await _generate(served, request, body, tokens, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = _parse(CompletionRequest, await _read_json(request, max_body_bytes))
+        _check_model(body.model, model_id)
+        try:
+            tokens = engine.prompt_tokens(body.text, chat=False)
+        except ValueError as exc:
+            raise ApiError(400, f"prompt: {exc}", param="prompt") from exc
+        return await _generate(served, request, body, tokens, chat=False)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours, FastAPI's or an unexpected one, answered in OpenAI's error shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -85,99 +155,61 @@ def create_app(engine: Engine, model_id: str, mode: str = DEFAULT_MODE, max_wait
         log.error("request failed", exc_info=exc)
         return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
-    def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "edgespec",
-                "edgespec": {"default_mode": mode, "modes": {name: m.help for name, m in MODES.items()},
-                             "origins": ORIGINS, "max_context": engine.max_context,
-                             "draft": engine.draft is not None}}
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(PAGE / "index.html")
+def _make_request(served: Served, body: ChatCompletionRequest | CompletionRequest,
+                  tokens: list[int]) -> tuple[GenerationRequest, int]:
+    """The generation request of `body` (mode, sampling and mode settings) and its token limit; a bad setting or
+    a limit past the context is a 400 naming the field."""
+    engine = served.engine
+    limit = body.limit if body.limit is not None else max(1, engine.max_context - len(tokens))
+    if limit > engine.max_context:
+        raise ApiError(400, f"max_tokens is {limit} but the model's context holds {engine.max_context} tokens",
+                       param="max_tokens")
+    options = body.edgespec
+    try:
+        generation = make_request(options.mode or served.mode, {
+            **options.settings, "temperature": body.temperature, "top_p": body.top_p, "top_k": options.top_k,
+            "repetition_penalty": options.repetition_penalty, "seed": body.seed, "stop": body.stops})
+    except (ValueError, TypeError) as exc:  # an unknown mode or setting, or a setting out of its range
+        raise ApiError(400, str(exc), param="edgespec.mode" if isinstance(exc, ModeError)
+                       else "edgespec.settings") from exc
+    return generation, limit
 
-    app.mount("/static", StaticFiles(directory=PAGE), name="static")
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_id, "busy": worker.running is not None, "waiting": worker.waiting,
-                "generations": dict(worker.counts)}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def one_model(name: str) -> dict:
-        if name != model_id:
-            raise _unknown_model(name, model_id)
-        return model_card()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await _read_json(request, max_body_bytes))
-        _check_model(body.model, model_id)
-        messages = [m.as_dict() for m in body.messages]
-        try:
-            tokens = engine.prompt_tokens(messages, chat=True)
-        except (ValueError, jinja2.TemplateError) as exc:
-            raise ApiError(400, f"messages: {exc}", param="messages") from exc
-        return await _generate(request, body, tokens, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = _parse(CompletionRequest, await _read_json(request, max_body_bytes))
-        _check_model(body.model, model_id)
-        try:
-            tokens = engine.prompt_tokens(body.text, chat=False)
-        except ValueError as exc:
-            raise ApiError(400, f"prompt: {exc}", param="prompt") from exc
-        return await _generate(request, body, tokens, chat=False)
-
-    async def _generate(request: Request, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
-                        chat: bool) -> Response:
-        limit = body.limit if body.limit is not None else max(1, engine.max_context - len(tokens))
-        if limit > engine.max_context:
-            raise ApiError(400, f"max_tokens is {limit} but the model's context holds {engine.max_context} tokens",
-                           param="max_tokens")
-        options = body.edgespec
-        try:
-            generation = make_request(options.mode or mode, {
-                **options.settings, "temperature": body.temperature, "top_p": body.top_p, "top_k": options.top_k,
-                "repetition_penalty": options.repetition_penalty, "seed": body.seed, "stop": body.stops})
-        except (ValueError, TypeError) as exc:  # an unknown mode or setting, or a setting out of its range
-            raise ApiError(400, str(exc), param="edgespec.mode" if isinstance(exc, ModeError)
-                           else "edgespec.settings") from exc
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(tokens, limit, generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        try:
-            worker.submit(job)
-        except queue.Full:
-            raise ApiError(429, f"the server is busy: {worker.waiting} requests are waiting; retry later",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(worker.retry_after())}) from None
-        reply = _Reply(model_id, chat, generation.mode)
-        gone = asyncio.ensure_future(_disconnected(request))
-        streaming = False
-        try:
-            while (event := await _next_event(events, gone)) is not None:
-                if isinstance(event, Failed):
-                    raise _failure(event.error)
-                if body.stream:  # headers go out once the engine has taken the job: its refusal is still a 4xx
-                    streaming = True
-                    return StreamingResponse(_sse(reply, event, events, job, body.include_usage),
-                                             media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                if isinstance(event, Finished):
-                    return JSONResponse(reply.whole(event))
-                reply.tokens += event.tokens
-            return Response(status_code=499)  # the client has gone: nobody reads this
-        finally:
-            gone.cancel()
-            if not streaming:
-                job.cancel()
-
-    return app
+async def _generate(served: Served, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                    tokens: list[int], chat: bool) -> Response:
+    """Queue the generation on the engine's worker and answer with the whole reply or a stream of it; a client
+    that disconnects cancels it."""
+    generation, limit = _make_request(served, body, tokens)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    job = Job(tokens, limit, generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        served.worker.submit(job)
+    except queue.Full:
+        raise ApiError(429, f"the server is busy: {served.worker.waiting} requests are waiting; retry later",
+                       type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(served.worker.retry_after())}) from None
+    reply = _Reply(served.model_id, chat, generation.mode)
+    gone = asyncio.ensure_future(_disconnected(request))
+    streaming = False
+    try:
+        while (event := await _next_event(events, gone)) is not None:
+            if isinstance(event, Failed):
+                raise _failure(event.error)
+            if body.stream:  # headers go out once the engine has taken the job: its refusal is still a 4xx
+                streaming = True
+                return StreamingResponse(_sse(reply, event, events, job, body.include_usage),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            if isinstance(event, Finished):
+                return JSONResponse(reply.whole(event))
+            reply.tokens += event.tokens
+        return Response(status_code=499)  # the client has gone: nobody reads this
+    finally:
+        gone.cancel()
+        if not streaming:
+            job.cancel()
 
 
 class _Reply:
