@@ -412,3 +412,26 @@ def test_chat_page_in_headless_chromium(engine, server, slow_mode, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "chat_page.png").stat().st_size > 10_000
+
+
+def test_a_request_that_waits_behind_one_about_to_start_is_admitted(engine):
+    """With room for one waiting request, two submitted back to back are both taken (the first runs, or is about
+    to), and a third is refused: whether the worker thread has picked up the first yet must not matter."""
+    import queue
+
+    from edgespec.apps.desktop.generation import EngineWorker, Job
+    from edgespec.runtime.modes import make_request
+
+    worker = EngineWorker(engine, max_waiting=1)
+    tokens = engine.prompt_tokens(PROMPT, chat=True)
+    jobs = [Job(tokens, 200, make_request("ar", {}), lambda event: None) for _ in range(3)]
+    try:
+        worker.submit(jobs[0])
+        worker.submit(jobs[1])
+        with pytest.raises(queue.Full):
+            worker.submit(jobs[2])
+        assert worker.waiting == 1
+    finally:
+        for job in jobs:
+            job.cancel()
+        worker.close()
