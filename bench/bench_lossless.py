@@ -29,12 +29,13 @@ def main() -> int:
                                           distill_minutes=args.distill_minutes)
     name = args.bundle or args.quant
     engine = Engine.load(bundle)
+    commit, host = git_rev(), machine()  # the code that runs, before later commits move HEAD
     prompts = prompt_set("humaneval", args.limit)
     t0 = time.perf_counter()
     tokens = {m: 0 for m in ("ar", *MODES)}
     passes = dict(tokens)
     for i, prompt in enumerate(prompts):
-        ar = engine.generate(prompt, max_new_tokens=args.max_new_tokens, chat=True)
+        ar = engine.generate(prompt, max_new_tokens=args.max_new_tokens, chat=True, mode="ar")
         tokens["ar"] += len(ar.token_ids)
         passes["ar"] += ar.stats["target_passes"]
         for mode in MODES:
@@ -56,7 +57,7 @@ def main() -> int:
     if args.write_docs:
         write_section("lossless", "\n".join([
             "## Greedy losslessness on HumanEval", "",
-            f"Machine: {machine()}. Commit {git_rev()}. Command: `{command()}` (chat template, adaptive sizes).",
+            f"Machine: {host}. Commit {commit}. Command: `{command()}` (chat template, adaptive sizes).",
             "", summary]),
             "\n".join(["| bundle | HumanEval prompts | `spec`, `staged`, `ngram`, `auto` = `ar` | tokens each "
                        "| target passes (ar / spec / staged / ngram / auto) |", "|---|---|---|---|---|",
