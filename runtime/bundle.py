@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -52,10 +53,27 @@ class GraphInfo:
         return any(i.get("name") == "logits_from" for i in self.inputs)
 
     @staticmethod
-    def from_json(d: dict) -> GraphInfo:
-        return GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],
-                         outputs=d["outputs"], data_file=d.get("data_file"), attention_rows=d.get("attention_rows", 1),
-                         pass_size_invariant=d.get("pass_size_invariant", True), tree_mask=d.get("tree_mask", True))
+    def from_json(d: dict, where: str = "a graph") -> GraphInfo:
+        """The graph's entry, its fields checked: the runtime reads them while opening and running the graph, where
+        a mistyped one would surface as a TypeError or a bad padding, not as a bad bundle."""
+        graph = GraphInfo(file=d["file"], variant=d["variant"], chunk=d.get("chunk"), inputs=d["inputs"],
+                          outputs=d["outputs"], data_file=d.get("data_file"), attention_rows=d.get("attention_rows", 1),
+                          pass_size_invariant=d.get("pass_size_invariant", True), tree_mask=d.get("tree_mask", True))
+        _require(graph.variant in ("fused", "static"), f"{where} variant must be 'fused' or 'static'", graph.variant)
+        _require(graph.chunk is None if graph.variant == "fused" else _count(graph.chunk),
+                 f"{where} chunk must be null for a fused graph (any chunk), a positive integer for a static one",
+                 graph.chunk)
+        _require(_count(graph.attention_rows), f"{where} attention_rows must be a positive integer",
+                 graph.attention_rows)
+        for flag in ("pass_size_invariant", "tree_mask"):
+            _require(isinstance(getattr(graph, flag), bool), f"{where} {flag} must be true or false",
+                     getattr(graph, flag))
+        for side in ("inputs", "outputs"):
+            items = getattr(graph, side)
+            _require(isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                     for i in items),
+                     f"{where} {side} must be a list of objects with a name", items)
+        return graph
 
 
 @dataclass
@@ -125,7 +143,7 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{root} is not an edgespec bundle: {MANIFEST} is missing")
     try:
         raw = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath} must hold a JSON object, not a JSON {type(raw).__name__}")
@@ -139,20 +157,84 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise SchemaVersionError(f"bundle schema version {version} is not a known version")
     try:
         check_files(root, raw)
-        models = {role: ModelInfo(role=role, spec=m["spec"], quantization=m["quantization"],
-                                  graphs={k: GraphInfo.from_json(g) for k, g in m["graphs"].items()},
-                                  extra=m.get("extra", {}),
-                                  head_ids=_head_ids(root, m.get("head_ids"), m["spec"]["vocab_size"]))
-                  for role, m in raw["models"].items()}
+        models = {role: _model(root, role, m) for role, m in raw["models"].items()}
+        if "target" not in models:
+            raise BundleError(f"{mpath} has no target model")
+        _check_tokenizer(raw["tokenizer"], models["target"].vocab_size)
+        _check_tuning(raw)
         manifest = Manifest(root=root, max_context=_max_context(raw), tokenizer=raw["tokenizer"],
                             models=models, files=raw["files"], raw=raw)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{mpath} is missing or has a malformed field: {exc!r}") from exc
-    if "target" not in models:
-        raise BundleError(f"{mpath} has no target model")
     if verify:
         verify_files(manifest)
     return manifest
+
+
+def _require(ok: bool, what: str, value: object) -> None:
+    """A BundleError saying what a manifest field must be and what it is (cut short: it may be huge)."""
+    if not ok:
+        raise BundleError(f"the manifest's {what}, got {value!r:.80}")
+
+
+def _count(value: object) -> bool:
+    """A positive integer; JSON's true is not one (Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value: object) -> bool:
+    """A str the tokenizers library can take: UTF-8 text, no lone surrogates (JSON's "\\ud800" gives one)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _model(root: Path, role: str, m: dict) -> ModelInfo:
+    """A model's entry, with the fields the runtime reads later checked now: there, a missing or mistyped one
+    would be a KeyError or TypeError in the middle of opening a graph or of a generation."""
+    spec, graphs = m["spec"], m["graphs"]
+    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        _require(_count(spec.get(key)), f"{role} spec's {key} must be a positive integer", spec.get(key))
+    _require(spec.get("param_count") is None or _number(spec["param_count"]),
+             f"{role} spec's param_count must be a number", spec.get("param_count"))
+    _require(isinstance(graphs, dict) and bool(graphs), f"{role} must name its graphs", graphs)
+    return ModelInfo(role=role, spec=spec, quantization=m["quantization"],
+                     graphs={name: GraphInfo.from_json(g, f"{role} graph {name!r}") for name, g in graphs.items()},
+                     extra=m.get("extra", {}), head_ids=_head_ids(root, m.get("head_ids"), spec["vocab_size"]))
+
+
+def _check_tokenizer(t: dict, vocab_size: int) -> None:
+    """The tokenizer entry's optional fields, which the tokenizer and the generation loop read as typed."""
+    for key in ("chat_template", "bos_token", "eos_token"):
+        _require(t.get(key) is None or _text(t[key]), f"tokenizer {key} must be text", t.get(key))
+    ids = t.get("eos_token_ids", [])
+    _require(isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                           for i in ids),
+             f"tokenizer eos_token_ids must be a list of token ids below {vocab_size}", ids)
+    _require(isinstance(t.get("add_bos", False), bool), "tokenizer add_bos must be true or false", t.get("add_bos"))
+
+
+def _check_tuning(raw: dict) -> None:
+    """What export and calibration measured, which seeds the adaptive modes: the draft's agreement (a fraction)
+    and the EAD threshold (bits)."""
+    runtime, draft = raw.get("runtime", {}), raw["models"].get("draft", {})
+    _require(isinstance(runtime, dict) and isinstance(runtime.get("ead", {}), dict),
+             "runtime must be an object whose ead is an object", runtime)
+    tau = runtime.get("ead", {}).get("tau")
+    _require(tau is None or _number(tau), "runtime ead tau must be a number", tau)
+    measured = draft.get("measured", {})
+    _require(isinstance(measured, dict), "draft measured must be an object", measured)
+    agreement = measured.get("agreement")
+    _require(agreement is None or _number(agreement) and 0 <= agreement <= 1,
+             "draft measured agreement must be a fraction from 0 to 1", agreement)
 
 
 def inside(root: Path, rel: object, what: str) -> str:

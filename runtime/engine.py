@@ -396,7 +396,10 @@ def _load_ngram(manifest: Manifest):
         return None
     from edgespec.runtime.ngram import NgramModel
 
-    return NgramModel.load(manifest.path(entry["file"]))
+    try:
+        return NgramModel.load(manifest.path(entry["file"]))
+    except ValueError as exc:  # the table's own error (not a table, truncated, inconsistent) names the file
+        raise BundleError(f"cannot read the n-gram table: {exc}") from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -180,22 +180,37 @@ def check_interface(info: ModelInfo, max_context: int, sessions: list[tuple[Grap
     disagree with its graphs (another model's manifest, an edited max_context) is refused here, before the
     buffer is allocated, instead of failing inside onnxruntime at the first pass."""
     kv = [1, info.num_kv_heads, max_context, info.head_dim]
-    names = {f"past_{kind}.{layer}" for layer in range(info.num_layers) for kind in ("key", "value")}
     columns = info.vocab_size if info.head_ids is None else len(info.head_ids)
     for graph, session in sessions:
         inputs = {i.name: i.shape for i in session.get_inputs()}
         found = {name for name in inputs if name.startswith(("past_key.", "past_value."))}
-        if found != names:
+        names = {f"past_{kind}.{layer}" for layer in range(len(found) // 2) for kind in ("key", "value")}
+        if len(found) != 2 * info.num_layers or found != names:  # counted, not listed: a manifest may say 10**12
             raise BundleError(f"{graph.file} takes K/V for {len(found) // 2} layers but the manifest's {info.role} "
                               f"has {info.num_layers}: the manifest does not describe this graph")
         for name in sorted(names):
             if not _fits(inputs[name], kv):
                 raise BundleError(f"{graph.file} takes {name} of shape {inputs[name]} but the manifest describes "
                                   f"{kv} (max_context {max_context}): the manifest does not describe this graph")
+        _check_names(graph, set(inputs), {o.name for o in session.get_outputs()}, names)
         logits = next((o.shape for o in session.get_outputs() if o.name == "logits"), None)
         if logits is None or not _fits(logits[-1:], [columns]):
             raise BundleError(f"{graph.file} gives logits of shape {logits} but the manifest's {info.role} has "
                               f"{columns} of them per row: the manifest does not describe this graph")
+
+
+def _check_names(graph: GraphInfo, inputs: set[str], outputs: set[str], kv: set[str]) -> None:
+    """The graph takes exactly the inputs the runner binds and gives the outputs it binds; which ones follow from
+    the manifest (`logits_from` among its inputs, a static variant's `new_` K/V instead of `present_`), so a
+    manifest that misdescribes them is refused here, not by onnxruntime at the first pass."""
+    wanted = {"input_ids", "position_ids", "attention_mask", "past_length", *kv}
+    wanted |= {"logits_from"} if graph.tail_logits else set()
+    given = {"logits"} | {("new_" if graph.variant == "static" else "present_") + name.removeprefix("past_")
+                          for name in kv}
+    if inputs != wanted or not given <= outputs:
+        wrong = sorted(inputs ^ wanted) or sorted(given - outputs)
+        raise BundleError(f"{graph.file} disagrees with the manifest's {graph.variant} graph on {', '.join(wrong)}: "
+                          "the manifest does not describe this graph")
 
 
 def _fits(shape: list, wanted: list[int]) -> bool:

@@ -25,9 +25,10 @@ def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
     """The tokenizer is the model's: no id past its vocabulary (onnxruntime would fail on the embedding gather),
     and the end-of-text token the manifest names has one of the manifest's ids."""
     t, vocab, rel = manifest.tokenizer, manifest.target.vocab_size, manifest.tokenizer["file"]
-    if tokenizer.get_vocab_size() > vocab:
-        raise BundleError(f"{rel} has {tokenizer.get_vocab_size()} tokens but the model's vocabulary {vocab}: "
-                          "a tokenizer from another model?")
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)  # ids need not be 0..size-1
+    if top >= vocab:
+        raise BundleError(f"{rel} has {tokenizer.get_vocab_size()} tokens with ids up to {top} but the model's "
+                          f"vocabulary has {vocab}: a tokenizer from another model?")
     eos, ids = t.get("eos_token"), t.get("eos_token_ids")
     if eos and ids and tokenizer.token_to_id(eos) not in ids:
         raise BundleError(f"{rel} gives {eos!r} the id {tokenizer.token_to_id(eos)} but the manifest's end-of-text "
