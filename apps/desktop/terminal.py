@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
+import threading
 from typing import TextIO
 
 import jinja2
@@ -59,6 +61,10 @@ class TerminalChat:
                                              (("draft", "draft"), ("ngram", "n-gram"), ("small", "small model")))
             legend += " target: plain."
         self.say(f"edgespec chat, mode {self.mode}.{legend} /help for commands, Ctrl-D to leave.")
+        if threading.current_thread() is threading.main_thread():
+            # Python leaves SIGINT ignored when it started ignored (a chat launched from a background job or
+            # nohup), and then Ctrl-C could not stop an answer: the chat asks for it explicitly.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 try:
