@@ -69,8 +69,8 @@ class RowDistributions:
         return row[rest[0]] if rest else row
 
 
-def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndarray]:
-    """One draft-then-verify step; returns the committed tokens and the target's logits for them.
+def chain_step(state: DecodeState, stats: SpecStats) -> list[int]:
+    """One draft-then-verify step; returns the committed tokens.
 
     On entry both models hold (a prefix of) `state.tokens` without its last token; on return the
     target holds the committed prefix and the draft at most that, so the next step can start.
@@ -93,9 +93,9 @@ def chain_step(state: DecodeState, stats: SpecStats) -> tuple[list[int], np.ndar
         proposal.append(feed)
         q_rows.append(q)
     stats.add_time("draft", time.perf_counter() - t_draft)
-    n, nxt, _, logits = verify(state, stats, proposal, q_rows, sampled=not state.params.greedy)
+    n, nxt, _, _ = verify(state, stats, proposal, q_rows, sampled=not state.params.greedy)
     draft.rollback(min(draft.length, target.length))
-    return proposal[:n] + [nxt], logits[:n + 1].copy()
+    return proposal[:n] + [nxt]
 
 
 def verify(state: DecodeState, stats: SpecStats, proposal: list[int], q: list[np.ndarray] | None = None,
@@ -143,5 +143,4 @@ def decode_spec(state: DecodeState) -> Iterator[list[int]]:
     stats = SpecStats.attach(state)
     prefill_target(state, stats)
     while True:
-        emitted, _ = chain_step(state, stats)
-        yield emitted
+        yield chain_step(state, stats)
