@@ -71,10 +71,10 @@ class Served:
     model_id: str
     mode: str
     max_body_bytes: int
+    created: int  # the bundle's time, as the model's creation time in /v1/models
 
     def model_card(self) -> dict:
-        created = int(self.engine.manifest.root.stat().st_mtime)
-        return {"id": self.model_id, "object": "model", "created": created, "owned_by": "edgespec",
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edgespec",
                 "edgespec": {"default_mode": self.mode, "modes": {name: m.help for name, m in MODES.items()},
                              "origins": ORIGINS, "max_context": self.engine.max_context,
                              "draft": self.engine.draft is not None}}
@@ -83,7 +83,8 @@ class Served:
 def create_app(engine: Engine, model_id: str, mode: str = DEFAULT_MODE, max_waiting: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server for one loaded engine, served as `model_id`; `mode` is for requests that name none."""
-    served = Served(engine, EngineWorker(engine, max_waiting), model_id, mode, max_body_bytes)
+    served = Served(engine, EngineWorker(engine, max_waiting), model_id, mode, max_body_bytes,
+                    int(engine.manifest.root.stat().st_mtime))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -156,7 +157,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
 
-def _make_request(served: Served, body: ChatCompletionRequest | CompletionRequest,
+def _generation_request(served: Served, body: ChatCompletionRequest | CompletionRequest,
                   tokens: list[int]) -> tuple[GenerationRequest, int]:
     """The generation request of `body` (mode, sampling and mode settings) and its token limit; a bad setting or
     a limit past the context is a 400 naming the field."""
@@ -180,7 +181,7 @@ async def _generate(served: Served, request: Request, body: ChatCompletionReques
                     tokens: list[int], chat: bool) -> Response:
     """Queue the generation on the engine's worker and answer with the whole reply or a stream of it; a client
     that disconnects cancels it."""
-    generation, limit = _make_request(served, body, tokens)
+    generation, limit = _generation_request(served, body, tokens)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = Job(tokens, limit, generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
