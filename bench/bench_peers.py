@@ -145,13 +145,18 @@ def edgespec_runner(work: Path, threads: int, quant: str, variant: str, mode: st
         stats = result.stats
         return Decoded(result.token_ids, stats["seconds"], stats["time_to_first_token"], stats["first_chunk_tokens"])
 
-    def plain(ids: list[int], max_new_tokens: int) -> list[int]:
-        """The same bundle's `ar`: what this row must equal token for token (run untimed)."""
-        return eng.chat().run(ids, max_new_tokens, make_request("ar", {})).token_ids
-
-    if mode != "ar":
-        run.plain = plain
+    if mode != "ar":  # what this row must equal token for token: the same bundle's `ar`, run untimed
+        run.plain = partial(own_ar, str(bundle(work, quant, variant)), variant != "ar-only", threads)
     return run
+
+
+@cache
+def own_ar(bundle_dir: str, load_draft: bool, threads: int, ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
+    """A bundle's `ar` output for a prompt, once for all the rows on that bundle."""
+    from edgespec.runtime.modes import make_request
+
+    result = engine(bundle_dir, load_draft, threads).chat().run(list(ids), max_new_tokens, make_request("ar", {}))
+    return result.token_ids
 
 
 # ----------------------------------------------------------------------------- onnxruntime-genai
@@ -673,7 +678,7 @@ def main() -> None:
     runners, notes = load_all(rows, first)
     eos = eos_ids(work)
     results = {name: measure(runners, ids, args.max_new_tokens) for name, ids in prompts.items()}
-    own_plain = {name: {row: [run.plain(p, args.max_new_tokens) for p in ids]
+    own_plain = {name: {row: [run.plain(tuple(p), args.max_new_tokens) for p in ids]
                          for row, run in runners.items() if hasattr(run, "plain")} for name, ids in prompts.items()}
     rss = {} if args.no_rss else peak_rss_mb(args, list(runners), first, notes)
     sections, summary, speeds = [], [], {}
