@@ -23,7 +23,7 @@ def _load(manifest: Manifest, rel: str) -> Tokenizer:
 
 def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
     """The tokenizer is the model's: no id past its vocabulary (onnxruntime would fail on the embedding gather),
-    and the end-of-text token the manifest names has one of the manifest's ids."""
+    the end-of-text token the manifest names has one of the manifest's ids, and text of any script encodes."""
     t, vocab, rel = manifest.tokenizer, manifest.target.vocab_size, manifest.tokenizer["file"]
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)  # ids need not be 0..size-1
     if top >= vocab:
@@ -33,6 +33,19 @@ def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
     if eos and ids and tokenizer.token_to_id(eos) not in ids:
         raise BundleError(f"{rel} gives {eos!r} the id {tokenizer.token_to_id(eos)} but the manifest's end-of-text "
                           f"ids are {ids}: a tokenizer from another model?")
+    _ids(tokenizer, PROBE)  # refused at load, not at a user's first prompt with an unusual character
+
+
+PROBE = "edgespec \u00e9\u4e2d\U0001f600\x00 ?"  # words, accents, CJK, emoji and a control character
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`. The library raises a bare Exception for a tokenizer that cannot encode some text (a
+    word-level vocabulary whose unknown token is missing); that is the bundle's fault, not the prompt's."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception as exc:
+        raise BundleError(f"the bundle's tokenizer cannot encode text: {exc}") from exc
 
 
 def _raise(message: str) -> None:
@@ -92,11 +105,11 @@ class BundleTokenizer:
             cursor = start + len(content)
         pieces.append((text[cursor:], self.tokenizer))
         return self._with_bos([i for piece, tok in pieces if piece
-                               for i in tok.encode(piece, add_special_tokens=False).ids])
+                               for i in _ids(tok, piece)])
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text (a raw prompt's own template) are recognised."""
-        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._with_bos(_ids(self.tokenizer, text))
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.add_bos and self.bos_token:

@@ -53,14 +53,37 @@ def test_the_check_catches_an_exception_that_is_not_a_bundle_error(workspace, mo
         check((CORPUS / "seed-manifest-valid").read_bytes(), workspace)
 
 
+def _from_a_fresh_process(argv: list[str]) -> list[str]:
+    """`argv` run as the child of a small launcher, not of pytest. libFuzzer's out-of-memory check reads the
+    process's peak RSS (getrusage), and Linux carries a parent's peak into a child it forks and through exec: late
+    in a full run pytest has peaked at several GiB, and the fuzzer started from it saw 4.3 GiB before its first
+    input and stopped at its 2 GiB limit. A grandchild starts its count afresh, so the limit bounds the fuzzer."""
+    launcher = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+    return [sys.executable, "-c", launcher, *argv]
+
+
+def test_an_inherited_peak_does_not_reach_the_fuzzer(tmp_path):
+    """The launcher above, checked: with this process's peak raised by 3 GiB the fuzzer still reports its own."""
+    import numpy as np
+
+    touched = np.ones(3 * 2 ** 30 // 8)
+    argv = [sys.executable, str(FUZZ / "fuzz_bundle.py"), str(tmp_path), "-runs=0"]
+    proc = subprocess.run(_from_a_fresh_process(argv), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=os.environ | {"TMPDIR": str(tmp_path)})
+    del touched
+    rss = [int(line.rsplit("rss: ", 1)[1].removesuffix("Mb")) for line in proc.stderr.splitlines() if "rss: " in line]
+    assert proc.returncode == 0 and rss and max(rss) < 2048, proc.stderr[-3000:]
+
+
 def test_fuzzing_the_loader_finds_nothing(tmp_path):
     """atheris for FUZZ_SECONDS from the corpus; a crash fails with the fuzzer's report (the input and traceback)."""
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)
     argv = [sys.executable, str(FUZZ / "fuzz_bundle.py"), str(corpus), f"-max_total_time={FUZZ_SECONDS}",
             "-timeout=30", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=FUZZ_SECONDS + 240, cwd=tmp_path,
-                          env=os.environ | {"TMPDIR": str(tmp_path)})  # the workspace it leaves behind goes there
+    env = os.environ | {"TMPDIR": str(tmp_path)}  # the workspace the fuzzer leaves behind goes there
+    proc = subprocess.run(_from_a_fresh_process(argv), capture_output=True, text=True, timeout=FUZZ_SECONDS + 240,
+                          cwd=tmp_path, env=env)
     # libFuzzer writes the input's file name on stderr, atheris the traceback on stdout; progress lines left out
     report = "\n".join(line for line in (proc.stderr + proc.stdout).splitlines()
                        if not line.startswith(("INFO: Instrumenting", "#", '"')))
