@@ -53,11 +53,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quants", nargs="+", default=["int4", "w8a8", "int8", "fp32"])
     ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--bundle", action="append", metavar="NAME=DIR", default=[],
+                    help="measure this bundle under NAME instead of exporting --quants (repeatable); with an older "
+                         "edgespec first on PYTHONPATH, the same bundle measures older code")
     args, work = parse_with_common(ap)
-    cache: dict = {}
-    engines = {quant: Engine.load(ensure_bundle(work, quant, cache, derive_layers=args.draft_layers, ngram_tokens=4000,
-                                                distill_minutes=args.distill_minutes))
-               for quant in args.quants}
+    if args.bundle:
+        given = dict(item.split("=", 1) for item in args.bundle)
+        engines = {name: Engine.load(folder) for name, folder in given.items()}
+        args.quants = list(given)
+    else:
+        cache: dict = {}
+        engines = {quant: Engine.load(ensure_bundle(work, quant, cache, derive_layers=args.draft_layers,
+                                                    ngram_tokens=4000, distill_minutes=args.distill_minutes))
+                   for quant in args.quants}
+    import edgespec
+
+    print(f"edgespec from {Path(edgespec.__file__).parent}", flush=True)
     first = args.quants[0]
     rows, hists = [], {}
     for set_name in ("humaneval", "prose"):

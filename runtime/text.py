@@ -77,15 +77,20 @@ class BundleTokenizer:
     def special_strings(self) -> tuple[str, ...]:
         return tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
 
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        """The chat template compiled once (a conversation renders it every turn), in a sandbox as transformers'
+        apply_chat_template does."""
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the bundle's chat template the way transformers' apply_chat_template does."""
         if not self.chat_template:
             raise ValueError("this bundle has no chat template; call generate with chat=False")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
