@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgespec.runtime.cache import CACHE_DIR
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -256,11 +258,27 @@ def check_files(root: Path, raw: dict) -> None:
         raise BundleError("the manifest's files must map each file to its sha256")
     for rel in files:
         inside(root, rel, "a file in the manifest's files")
-    for rel, what in _read_files(raw).items():
+    read = _read_files(raw)
+    for rel, what in read.items():
         inside(root, rel, what)
         if rel not in files:
             raise BundleError(f"{what} {rel!r} is not in the manifest's files, so its checksum cannot be verified; "
                               "re-export the bundle")
+    _check_beside_graphs(root, [rel for rel, what in read.items() if " graph " in what and "weights" not in what],
+                         files)
+
+
+def _check_beside_graphs(root: Path, graphs: list[str], files: dict) -> None:
+    """No file the manifest leaves out sits in a graph's folder. A graph names its external weights itself, and
+    onnxruntime reads them from the graph's folder (or below it) whatever the manifest says: a weights file the
+    manifest does not list would be read without its checksum."""
+    for folder in sorted({(root / rel).parent for rel in graphs}):
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and rel not in files and rel != MANIFEST and rel.split("/")[0] != CACHE_DIR:
+                raise BundleError(f"{rel} sits beside the graphs, where onnxruntime may read it as weights, but the "
+                                  "manifest's files does not list it, so its checksum cannot be verified; remove it "
+                                  "or re-export the bundle")
 
 
 def _read_files(raw: dict) -> dict[str, str]:

@@ -72,6 +72,11 @@ def _unlisted(raw: dict) -> None:
     del raw["files"][_target(raw)["file"]]
 
 
+def _weights_unlisted(raw: dict) -> None:
+    """The manifest forgets the graph's weights file (its data_file and its checksum); the graph still names it."""
+    del raw["files"][_target(raw).pop("data_file")]
+
+
 def _outside(raw: dict) -> None:
     rel = "../../x.onnx"
     raw["files"][rel] = raw["files"].pop(_target(raw)["file"])
@@ -123,6 +128,8 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str | None]] = {
     "head-dim-disagrees": (_spec("head_dim", 32), DESCRIBE),
     "graph-missing": (lambda b: (b / GRAPH).unlink(), "bundle file missing: target/fused.onnx"),
     "graph-not-in-files": (lambda b: _manifest(b, _unlisted), "is not in the manifest's files"),
+    "weights-not-in-files": (lambda b: _manifest(b, _weights_unlisted), "sits beside the graphs"),
+    "stray-file-beside-the-graph": (lambda b: (b / "target" / "notes.txt").write_text("x"), "sits beside the graphs"),
     "graph-outside-the-bundle": (lambda b: _manifest(b, _outside), "points outside the bundle folder"),
     "tokenizer-absolute-path": (lambda b: _manifest(b, lambda raw: raw["tokenizer"].__setitem__("file", "/etc/hosts")),
                                 "points outside the bundle folder"),
