@@ -66,6 +66,16 @@ class ExportOptions:
                               "graphs: use --quant qdq, fp16 or fp32")
 
 
+def check_head_dim(loaded: LoadedModel, role: str, options: ExportOptions) -> None:
+    """CPU graphs attend with onnxruntime's GroupQueryAttention, which takes head sizes in multiples of 16 only;
+    refused before any graph is written rather than at the first generation. NPU graphs use plain operators."""
+    head_dim = loaded.spec.head_dim
+    if options.device != "npu" and head_dim % 16:
+        raise ExportError(f"the {role}'s attention heads have {head_dim} dimensions; onnxruntime's fused attention "
+                          "(CPU graphs) needs a multiple of 16. `--device npu` writes plain-operator graphs that take "
+                          "any head size (slower on a CPU)")
+
+
 def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
     """Speculation compares token ids, so draft and target must map every id to the same string."""
     tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
@@ -184,8 +194,7 @@ def write_model_graphs(loaded: LoadedModel, role: str, root: Path, options: Expo
         invariant = not (options.ar_only and role == "target")
         rows = 2 if role == "target" and variant == "fused" and invariant else 1
         # Only the draft runs tree passes; the target verifies a path (docs/speculative.md), so a fused target
-        # is causal and skips building and adding the tree bias: 3.5-5 % of a one-row pass on the int4 and int8
-        # default bundles, with bitwise the same logits for every causal pass.
+        # is causal and skips building and adding the tree bias, with bitwise the same logits for causal passes.
         tree_mask = not (role == "target" and variant == "fused")
         model = build_decoder(loaded.spec, weights, rope, options.max_context, variant, chunk,
                               tie_lm_head=tie, attention_rows=rows, tree_mask=tree_mask)

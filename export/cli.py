@@ -17,6 +17,7 @@ from edgespec.export.bundle import (
     GRAPH_FORMAT,
     QUANT_CHOICES,
     ExportOptions,
+    check_head_dim,
     check_same_vocabulary,
     finalize,
     publish,
@@ -98,9 +99,11 @@ def _load_models(target: str, draft: str | None, derive_layers: int | None, dist
 
     with timed(options.log, f"loading target {target}"):
         loaded = {"target": preloaded.get(target) or sources.load(target)}
+    check_head_dim(loaded["target"], "target", options)
     if draft is not None:
         with timed(options.log, f"loading draft {draft}"):
             loaded["draft"] = preloaded.get(draft) or sources.load(draft)
+        check_head_dim(loaded["draft"], "draft", options)
         check_same_vocabulary(loaded["target"], loaded["draft"])
     derived_info = None
     if derive_layers is not None:

@@ -208,8 +208,11 @@ def _model(root: Path, role: str, m: dict) -> ModelInfo:
     _require(spec.get("param_count") is None or _number(spec["param_count"]),
              f"{role} spec's param_count must be a number", spec.get("param_count"))
     _require(isinstance(graphs, dict) and bool(graphs), f"{role} must name its graphs", graphs)
-    return ModelInfo(role=role, spec=spec, quantization=m["quantization"],
-                     graphs={name: GraphInfo.from_json(g, f"{role} graph {name!r}") for name, g in graphs.items()},
+    infos = {name: GraphInfo.from_json(g, f"{role} graph {name!r}") for name, g in graphs.items()}
+    # onnxruntime's GroupQueryAttention, which fused graphs attend with, refuses such heads at the first pass
+    _require(spec["head_dim"] % 16 == 0 or all(g.variant != "fused" for g in infos.values()),
+             f"{role} spec's head_dim must be a multiple of 16 for fused graphs", spec["head_dim"])
+    return ModelInfo(role=role, spec=spec, quantization=m["quantization"], graphs=infos,
                      extra=m.get("extra", {}), head_ids=_head_ids(root, m.get("head_ids"), spec["vocab_size"]))
 
 

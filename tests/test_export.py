@@ -17,7 +17,7 @@ from tiny import make_tiny_model_dir
 from edgespec.export.bundle import ExportOptions
 from edgespec.export.cli import export_bundle
 from edgespec.export.sources import default_gguf_path
-from edgespec.runtime.bundle import load_manifest, sha256_file
+from edgespec.runtime.bundle import BundleError, load_manifest, sha256_file
 from edgespec.runtime.engine import Engine
 from edgespec.runtime.machine import isa_summary
 from edgespec.runtime.model import ModelRunner, SessionConfig
@@ -167,6 +167,30 @@ def test_bad_input_truncated_gguf(tmp_path):
         bad.write_bytes(f.read(2_000_000))
     out = tmp_path / "b"
     _assert_clean_failure(_run_export("--target", str(bad), "--out", str(out)), out, "truncated or corrupt")
+
+
+def test_a_head_size_fused_attention_cannot_take_is_refused(tmp_path):
+    """8-dimensional heads: onnxruntime's GroupQueryAttention takes multiples of 16 only. The export refuses with
+    one line before writing anything (it used to write a bundle that failed at its first pass), the NPU graphs'
+    plain operators take it, and a manifest claiming such heads for a fused graph is refused at load."""
+    model = make_tiny_model_dir(tmp_path / "model", chars="ab", layers=1, hidden=16, heads=2, kv_heads=1,
+                                intermediate=16)
+    out = tmp_path / "b"
+    _assert_clean_failure(_run_export("--target", str(model), "--out", str(out), "--quant", "fp32",
+                                      "--max-context", "32", "--no-parity"), out, "needs a multiple of 16")
+    static = export_bundle(str(model), tmp_path / "npu", parity=False,
+                           options=ExportOptions(quant="fp32", device="npu", max_context=32, static_chunk=4,
+                                                 log=quiet))
+    assert len(Engine.load(static, device="cpu").generate("ab", max_new_tokens=3, mode="ar").token_ids) == 3
+    fused = export_bundle(str(make_tiny_model_dir(tmp_path / "model16", chars="ab", layers=1, hidden=32, heads=2,
+                                                  kv_heads=1, intermediate=16)),
+                          tmp_path / "fused", parity=False, options=ExportOptions(quant="fp32", max_context=32,
+                                                                                  log=quiet))
+    raw = json.loads((fused / "manifest.json").read_text())
+    raw["models"]["target"]["spec"]["head_dim"] = 8
+    (fused / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="head_dim must be a multiple of 16 for fused graphs"):
+        Engine.load(fused)
 
 
 def test_bad_input_unknown_architecture(tmp_path):
