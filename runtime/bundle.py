@@ -261,14 +261,13 @@ def check_files(root: Path, raw: dict) -> None:
         raise BundleError("the manifest's files must map each file to its sha256")
     for rel in files:
         inside(root, rel, "a file in the manifest's files")
-    read = _read_files(raw)
-    for rel, what in read.items():
+    for rel, what in _read_files(raw).items():
         inside(root, rel, what)
         if rel not in files:
             raise BundleError(f"{what} {rel!r} is not in the manifest's files, so its checksum cannot be verified; "
                               "re-export the bundle")
-    _check_beside_graphs(root, [rel for rel, what in read.items() if " graph " in what and "weights" not in what],
-                         files)
+    graphs = [graph["file"] for model in raw["models"].values() for graph in model["graphs"].values()]
+    _check_beside_graphs(root, graphs, files)
 
 
 def _check_beside_graphs(root: Path, graphs: list[str], files: dict) -> None:

@@ -21,6 +21,18 @@ def _load(manifest: Manifest, rel: str) -> Tokenizer:
         raise BundleError(f"cannot read the tokenizer {rel}: {exc}") from exc
 
 
+PROBE = "edgespec \u00e9\u4e2d\U0001f600\x00 ?"  # words, accents, CJK, emoji and a control character
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`. The library raises a bare Exception for a tokenizer that cannot encode some text (a
+    word-level vocabulary whose unknown token is missing); that is the bundle's fault, not the prompt's."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception as exc:
+        raise BundleError(f"the bundle's tokenizer cannot encode text: {exc}") from exc
+
+
 def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
     """The tokenizer is the model's: no id past its vocabulary (onnxruntime would fail on the embedding gather),
     the end-of-text token the manifest names has one of the manifest's ids, and text of any script encodes."""
@@ -34,18 +46,6 @@ def _check_model(tokenizer: Tokenizer, manifest: Manifest) -> None:
         raise BundleError(f"{rel} gives {eos!r} the id {tokenizer.token_to_id(eos)} but the manifest's end-of-text "
                           f"ids are {ids}: a tokenizer from another model?")
     _ids(tokenizer, PROBE)  # refused at load, not at a user's first prompt with an unusual character
-
-
-PROBE = "edgespec \u00e9\u4e2d\U0001f600\x00 ?"  # words, accents, CJK, emoji and a control character
-
-
-def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of `text`. The library raises a bare Exception for a tokenizer that cannot encode some text (a
-    word-level vocabulary whose unknown token is missing); that is the bundle's fault, not the prompt's."""
-    try:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    except Exception as exc:
-        raise BundleError(f"the bundle's tokenizer cannot encode text: {exc}") from exc
 
 
 def _raise(message: str) -> None:
@@ -91,7 +91,7 @@ class BundleTokenizer:
         if not self.chat_template:
             raise ValueError("this bundle has no chat template; call generate with chat=False")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of the chat template over `messages`. Special-token strings inside a message's content stay
