@@ -84,8 +84,8 @@ REGISTRY: dict[str, tuple[ProviderEntry, ...]] = {
                       session_config={"session.intra_op.allow_spinning": "0"}, note="Arm/x86 CPU kernels"),
         # OpenVINO runs a static graph whole. Of a fused graph it leaves GroupQueryAttention (and, in
         # graphs before it rotated q and k itself, RotaryEmbedding) to the CPU provider; that split
-        # measured ~1.5-2x slower per token than the CPU provider alone (SmolLM2-135M, fp32 and int4),
-        # so fused graphs stay with the CPU provider.
+        # measured slower per token than the CPU provider alone (SmolLM2-135M, fp32 and int4), so fused
+        # graphs stay with the CPU provider.
         ProviderEntry("openvino-cpu", "OpenVINOExecutionProvider", "cpu", "CPU", (STATIC,), False,
                       options={"device_type": "CPU", "num_of_threads": THREADS}, plugin="onnxruntime_ep_openvino",
                       device_options=("device_type",), cache_option="cache_dir", note="Intel/AMD x86 CPU"),

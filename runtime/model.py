@@ -92,11 +92,9 @@ class SessionConfig:
         so.log_severity_level = 3
         # Workers spin within a pass (fast hand-offs) but stop when it returns. Each session has its own
         # pool, and on a 2-core CPU a pool still spinning after its pass takes a core from the next
-        # model's pass: with a draft of 6 of SmolLM2-135M's 30 layers (int4), 3 draft passes then a
-        # 4-row target pass took 22.5-23 ms with the target spinning on and the draft not spinning at
-        # all, 19.4 ms with both stopping at the end of a pass. A session that runs alone keeps spinning:
-        # waking the stopped pool costs a one-row pass ~1.1 ms on our Intel machines (int4 RTN, 7.60 ->
-        # 6.47 ms and 9.91 -> 8.77 ms, alternated runs), nothing measurable on the AMD ones (10.0 vs 10.1 ms).
+        # model's pass, so a target and a draft that alternate both stop spinning (measured faster than
+        # either keeping its spin). A session that runs alone keeps spinning: waking a stopped pool adds
+        # to every one-row pass on some CPUs (docs/speculative.md).
         if self.stop_spinning:
             so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
