@@ -37,7 +37,7 @@ from edgespec.runtime.engine import Engine
 from edgespec.runtime.quality import mean_nll, rouge_l, token_agreement
 
 SETS = ("humaneval", "prose")
-PAPER = ("Simonds (2025), MATH benchmark, from the abstract (see /work/shared/design/decoding-algorithms.md §2): "
+PAPER = ("Simonds (2025), MATH benchmark, from the paper's abstract: "
          "Llama 3B + 11B: 96.7% of the 11B model's score with the 11B model producing 43% of the tokens, "
          "**41.5% cost reduction**; Qwen 1.5B + 14B: **92.9%** of the 14B model's score with the 14B model "
          "producing 25% of the tokens, **67% cost reduction**. Their cost is parameter-weighted tokens "

@@ -343,7 +343,7 @@ def gqa_attention(module, query, key, value, attention_mask, scaling: float, **_
     prompt pass alike).
 
     Written by hand because neither of transformers' CPU paths fits the 1-row queries of decode steps:
-    SDPA's flash kernel took 10 ms per layer at batch 90 (36 % of a step, torch.profiler) and eager
+    SDPA's flash kernel took a third of a decode step at large batches (torch.profiler) and eager
     attention copies every K/V row three times for grouped-query heads. Query heads h·g … h·g+g−1 share
     key/value head h, so they are stacked as g·q rows against that head's keys. Registered with
     transformers' AttentionInterface, with its eager (additive) mask; inference only (no dropout).
@@ -373,16 +373,15 @@ class CorpusGenerator:
     """The target as a fast text generator: its body in the chosen precision with grouped-query attention,
     an fp32 LM head, and the top-k taken per step.
 
-    Why not `generate(output_logits=True)` on the fp32 model under autocast, as before: on our 2-core CPUs
-    that ran 145 tokens/s at batch 32; eager attention's GQA key/value repeats and the stored
-    [batch, steps, vocab] logits took most of it. A bf16 copy runs 225 tokens/s where bf16 is native (278 at
-    batch 60; ~200 over a whole default corpus, against ~125 before), and its labels agree with fp32 teacher
+    Why not `generate(output_logits=True)` on the fp32 model under autocast, as before: eager attention's
+    GQA key/value repeats and the stored [batch, steps, vocab] logits took most of its time. A bf16 copy is
+    faster where bf16 is native (docs/drafts.md), and its labels agree with fp32 teacher
     forcing at 99.2 % of positions against autocast's 98.4 % (768 sampled positions), because the head, where
     bf16 rounding moves the argmax most, stays fp32. With `precision="fp32"` (CPUs without fast bf16) the copy
     stays fp32 and its labels are the fp32 target's.
     The top-k is taken inside a forward hook on the head, so full logits are never kept.
-    `gqa_attention` instead of SDPA: 1.09x the answer tokens per second at batch 45 × 64 tokens, 1.17x in a
-    one-off at batch 90 × 128 tokens (docs/benchmarks.md, "Distillation corpus generation");
+    `gqa_attention` instead of SDPA: more answer tokens per second (docs/benchmark-log/older-runs.md,
+    "Distillation corpus generation");
     `attention="sdpa"` is the previous generator, kept for that comparison.
     """
 

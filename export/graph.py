@@ -63,7 +63,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], rope: dict[st
     quantized bundles keep a separate MatMul the weight-only quantizer can convert. `attention_rows` (fused only)
     pads the chunk to at least that many rows inside attention alone (see `_attention_padding`).
     Without `tree_mask` (fused only) attention is causal and ignores `attention_mask`: it skips
-    building and adding the bias (0.5 ms of a 7.5 ms int4 pass of SmolLM2-135M), for chain-only graphs.
+    building and adding the bias (a measurable share of a one-row int4 pass), for chain-only graphs.
     A fused graph computes logits for rows `logits_from`.. of the chunk only: the LM head is a fifth of
     SmolLM2-135M's multiply-adds per row, and a prefill chunk needs the logits of its last row alone.
     """

@@ -1,7 +1,7 @@
 """Carry a GGUF's own blocks into `MatMulNBits`, so an already quantized model is not rounded twice.
 
-Re-quantizing the dequantized fp32 weights of a Q4 GGUF with RTN rounds a second time and the output
-diverges from the first token (design/feasibility.md); repacking the GGUF's blocks loses nothing.
+Re-quantizing the dequantized fp32 weights of a Q4 GGUF with RTN rounds a second time and the greedy output
+leaves the GGUF model's at the first token (docs/benchmarks.md, `int4-rtn`); repacking the blocks loses nothing.
 Written by hand because no onnxruntime or gguf tool converts GGUF blocks to MatMulNBits. Every block
 type is written as `w = s·c + o` per block of weights with a centred integer code `c`:
 

@@ -1,15 +1,14 @@
 """8-bit weights per output channel, 8-bit activations per row (W8A8), for targets that verify many tokens a pass.
 
-`MatMulNBits` (int4/int8 bundles) quantizes activations per row and block, so its result for a row does not
-depend on the pass, but its CPU kernel costs nearly as much per extra row as for the first: on the Intel
-Xeon machine (AVX512-VNNI, AMX) an 8-row pass of the int4 target costs 2.2x a one-row pass, 128 rows 23x
-(runtime/costs.py curves, docs/speculative.md).
-onnxruntime's integer GEMM (`MatMulIntegerToFloat`) is nearly flat in the row count there (measured with int8
-weights, before they became uint8, below), but onnxruntime's quantizers feed it one activation scale per tensor
-(`DynamicQuantizeLinear`), which makes a row's logits depend on the other rows of its pass and breaks lossless
-speculation (design/feasibility.md). So the per-row activation quantization is written here as plain ONNX ops;
-no onnxruntime or onnx tool emits it. Each linear input is quantized once, symmetrically (scale = max|row| / 127,
-zero point 128), the int32 products are exact, and the result is rescaled per row and per output channel.
+`MatMulNBits` (int4/int8 bundles) quantizes activations per row and block, so its result for a row does not depend
+on the pass, but its CPU kernel costs nearly as much per extra row as for the first (the measured curves:
+runtime/costs.py, docs/speculative.md). onnxruntime's integer GEMM (`MatMulIntegerToFloat`) is nearly flat in the
+row count on our Intel machine (measured with int8 weights, before they became uint8, below), but onnxruntime's
+quantizers feed it one activation scale per tensor (`DynamicQuantizeLinear`), which makes a row's logits depend on
+the other rows of its pass and breaks lossless speculation (a row's scale is the maximum over the whole pass). So
+the per-row activation quantization is written here as plain ONNX ops; no onnxruntime or onnx tool emits it. Each
+linear input is quantized once, symmetrically (scale = max|row| / 127, zero point 128), the int32 products are
+exact, and the result is rescaled per row and per output channel.
 
 The weight codes (symmetric per output channel, [-127, 127]) are stored as uint8 with zero point 128, so
 onnxruntime runs its u8·u8 GEMM, which is exact on every CPU. Its u8·s8 GEMM is not: without VNNI (AVX2, AVX512

@@ -1,8 +1,8 @@
 """The measured cost of one pass at each chunk length, on this machine, cached in the bundle.
 
-On a CPU a pass over k tokens is not k-times free: int4 MatMulNBits GEMM costs ~4x its GEMV at
-8 rows (feasibility.md). How large a draft tree or chain pays depends on this curve, so it is
-measured once per bundle, model and thread count, and reused.
+On a CPU a pass over k tokens is not k-times free, and how much more it costs depends on the precision, the
+kernels and the machine (docs/speculative.md has measured curves). How large a draft tree or chain pays
+depends on this curve, so it is measured once per bundle, model and thread count, and reused.
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ def measure_cost_curves(target: ModelRunner, draft: ModelRunner | None = None, s
     """Median seconds of one pass with k new tokens after a `prefix`-token context, per model.
 
     Decisions use ratios of these numbers (a 2-row pass against a 1-row one, a draft pass against a
-    target pass), and on a shared machine the speed drifts by 10-20 % within seconds. So every round
-    times each (model, size) once, in a shuffled order, and the median over rounds is kept: a slow
-    spell lands on all sizes and both models alike. Timed a size at a time (3 repeats in a row, prefix
-    64), the int4 target's 2-row pass came out 1.09x its 1-row pass and a 128-token draft catch-up
-    chunk 48 ms, against 1.15-1.22x and 70 ms measured inside decoding. Sizes run up to catch-up chunks.
-    Each draft pass follows a one-row target pass, as when drafting: the target's pass pushes the
-    draft's weights out of the caches (back to back a one-token int8 draft pass cost 1.65 ms, after a
-    target pass 2.14 ms). Overwrites both models' KV (left empty), so it runs before a generation.
-    Medians of 5 rounds still came out non-monotonic on a flat curve (w8a8 target, cached: 1 row 14.9 ms,
-    2 rows 12.0 ms), which made a one-token draft look cheaper than no draft; 11 rounds and a monotone fit
-    (`monotone`) keep the shape.
+    target pass), and on a shared machine the speed drifts within seconds. So every round times each
+    (model, size) once, in a shuffled order, and the median over rounds is kept: a slow spell lands on all
+    sizes and both models alike (timed a size at a time, with a short prefix, the ratios came out well
+    below those seen inside decoding). Sizes run up to catch-up chunks. Each draft pass follows a one-row
+    target pass, as when drafting: the target's pass pushes the draft's weights out of the caches, which
+    makes a draft pass measurably slower than back to back. Overwrites both models' KV (left empty), so it
+    runs before a generation. Medians of a few rounds still came out non-monotonic on a flat curve (a 2-row
+    pass below a 1-row one), which made a one-token draft look cheaper than no draft; 11 rounds and a
+    monotone fit (`monotone`) keep the shape.
     """
     runners = {"target": target} | ({"draft": draft} if draft is not None else {})
     prefix = min(prefix, target.max_context // 2)
@@ -96,7 +94,7 @@ def cached_cost_curves(target: ModelRunner, draft: ModelRunner | None, root: Pat
 
 def interpolate(curve: dict[int, float], k: int) -> float:
     """Seconds of a k-token pass: linear between measured sizes, and beyond the largest one along the
-    last segment's slope (a 128-token catch-up chunk costs about 4x a 32-token pass, not the same)."""
+    last segment's slope (a 128-token catch-up chunk costs several 32-token passes, not one)."""
     xs = sorted(curve)
     if k > xs[-1] and len(xs) > 1:
         slope = (curve[xs[-1]] - curve[xs[-2]]) / (xs[-1] - xs[-2])

@@ -5,7 +5,7 @@ proposing with one shared acceptance rate), the chance that the target accepts a
 mostly on its source: copied after a 4-token context match 82-93 %, after a 3-token match ~62 %, after
 a 2-token match 25-61 %, after a 1-token match 13-22 %; the trigram table's guesses 6-9 %. One rate for
 all of them (the geometric model of stats.py) sends the weak guesses to a target whose 2-row pass costs
-1.17x a 1-row pass and cuts the strong copies short. So each source keeps its own rate, learnt during
+more than a 1-row pass and cuts the strong copies short. So each source keeps its own rate, learnt during
 the generation from a prior (the figures above), and the proposal is cut where the expected tokens per
 unit of verify cost peak.
 """

@@ -6,7 +6,7 @@ with (a gather of KV rows, no re-run), so the draft advances several tokens per 
 the target verifies the draft's path in one pass.
 
 Why the target verifies the draft's best path and not a wider tree: on CPU the verify cost grows
-steeply with rows for int4 (feasibility.md), and, measured on our graphs, rows of a tree's side
+steeply with rows for int4 (runtime/costs.py measures it), and, measured on our graphs, rows of a tree's side
 branches do not reproduce the target's chain logits bit for bit (0.5-0.6 logits apart with int4
 accuracy-level-4 kernels, see docs/speculative.md), so accepting from them would break the
 guarantee that greedy output equals `ar`. Path rows are bitwise equal to a plain pass.

@@ -148,8 +148,8 @@ class SpecStats:
     def verify_cost(self, k: int) -> float:
         """Cost of a k-token target pass relative to a 1-token pass (1.0 when unmeasured).
 
-        Memoised: choose_k asks for every k at every step, and interpolating the curve each time
-        took ~0.3 ms per decoded token under cProfile (staged, prose)."""
+        Memoised: choose_k asks for every k at every step, and interpolating the curve each time showed up
+        in profiles of decoding."""
         cost = self.verify_costs.get(k)
         if cost is None:
             if not self.target_curve:
