@@ -56,3 +56,15 @@ def test_no_runtime_function_is_longer_than_60_lines():
             for path in sorted((ROOT / "runtime").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60]
     assert not long
+
+
+def test_no_file_cites_design_notes_outside_the_repository():
+    """Code and docs cite what a reader of the repository can open: the team's design notes are not part of it."""
+    names = ("feasibility.md", "decoding-algorithms.md", "peer-runtimes.md", "sample-apps.md", "shared/design")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    citing = [rel for rel in tracked if rel.endswith((".py", ".md", ".js", ".html", ".toml", ".sh"))
+              and rel != "tests/test_imports.py"
+              and any(name in (ROOT / rel).read_text(errors="replace") for name in names)]
+    assert not citing, citing
