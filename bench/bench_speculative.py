@@ -53,12 +53,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quants", nargs="+", default=["int4", "w8a8", "int8", "fp32"])
     ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--bundle", action="append", metavar="NAME=DIR", default=[],
+    ap.add_argument("--bundle", action="append", metavar="NAME=DIR", default=[], type=_named_bundle,
                     help="measure this bundle under NAME instead of exporting --quants (repeatable); with an older "
-                         "edgespec first on PYTHONPATH, the same bundle measures older code")
+                         "edgespec first on PYTHONPATH, the same bundle measures older code. Not with --write-docs, "
+                         "whose text describes the exported bundles")
     args, work = parse_with_common(ap)
+    if args.bundle and args.write_docs:
+        ap.error("--bundle measures bundles the docs' text does not describe; run it without --write-docs")
     if args.bundle:
-        given = dict(item.split("=", 1) for item in args.bundle)
+        given = dict(args.bundle)
         engines = {name: Engine.load(folder) for name, folder in given.items()}
         args.quants = list(given)
     else:
@@ -133,6 +136,13 @@ def main() -> None:
             "![accepted tokens per target pass](../acceptance-histograms.png)",
         ]
         write_section("speculative", "\n".join(body), "\n".join(summary(rows, first)))
+
+
+def _named_bundle(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not (sep and name and folder):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
 
 
 def summary(rows: list[dict], first: str) -> list[str]:

@@ -20,7 +20,7 @@ import onnx
 from edgespec.export.errors import ExportError
 from edgespec.export.graph import build_decoder
 from edgespec.export.sources import LoadedModel
-from edgespec.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from edgespec.runtime.bundle import FUSED_HEAD_DIM_MULTIPLE, MANIFEST, SCHEMA_VERSION, sha256_file
 from edgespec.runtime.cache import CACHE_DIR
 
 QUANT_CHOICES = ("fp32", "fp16", "int8", "int4", "w8a8", "qdq")
@@ -70,10 +70,10 @@ def check_head_dim(loaded: LoadedModel, role: str, options: ExportOptions) -> No
     """CPU graphs attend with onnxruntime's GroupQueryAttention, which takes head sizes in multiples of 16 only;
     refused before any graph is written rather than at the first generation. NPU graphs use plain operators."""
     head_dim = loaded.spec.head_dim
-    if options.device != "npu" and head_dim % 16:
+    if options.device != "npu" and head_dim % FUSED_HEAD_DIM_MULTIPLE:
         raise ExportError(f"the {role}'s attention heads have {head_dim} dimensions; onnxruntime's fused attention "
-                          "(CPU graphs) needs a multiple of 16. `--device npu` writes plain-operator graphs that take "
-                          "any head size (slower on a CPU)")
+                          f"(CPU graphs) needs a multiple of {FUSED_HEAD_DIM_MULTIPLE}. `--device npu` writes "
+                          "plain-operator graphs that take any head size (slower on a CPU)")
 
 
 def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:

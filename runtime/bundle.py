@@ -20,6 +20,7 @@ from edgespec.runtime.cache import CACHE_DIR
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+FUSED_HEAD_DIM_MULTIPLE = 16  # onnxruntime's GroupQueryAttention, which fused graphs attend with, takes no other
 
 
 class BundleError(Exception):
@@ -209,9 +210,9 @@ def _model(root: Path, role: str, m: dict) -> ModelInfo:
              f"{role} spec's param_count must be a number", spec.get("param_count"))
     _require(isinstance(graphs, dict) and bool(graphs), f"{role} must name its graphs", graphs)
     infos = {name: GraphInfo.from_json(g, f"{role} graph {name!r}") for name, g in graphs.items()}
-    # onnxruntime's GroupQueryAttention, which fused graphs attend with, refuses such heads at the first pass
-    _require(spec["head_dim"] % 16 == 0 or all(g.variant != "fused" for g in infos.values()),
-             f"{role} spec's head_dim must be a multiple of 16 for fused graphs", spec["head_dim"])
+    _require(spec["head_dim"] % FUSED_HEAD_DIM_MULTIPLE == 0 or all(g.variant != "fused" for g in infos.values()),
+             f"{role} spec's head_dim must be a multiple of {FUSED_HEAD_DIM_MULTIPLE} for fused graphs",
+             spec["head_dim"])
     return ModelInfo(role=role, spec=spec, quantization=m["quantization"], graphs=infos,
                      extra=m.get("extra", {}), head_ids=_head_ids(root, m.get("head_ids"), spec["vocab_size"]))
 

@@ -158,7 +158,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _generation_request(served: Served, body: ChatCompletionRequest | CompletionRequest,
-                  tokens: list[int]) -> tuple[GenerationRequest, int]:
+                        tokens: list[int]) -> tuple[GenerationRequest, int]:
     """The generation request of `body` (mode, sampling and mode settings) and its token limit; a bad setting or
     a limit past the context is a 400 naming the field."""
     engine = served.engine

@@ -4,9 +4,11 @@
 
 Seeds are the valid bundle's files and manifests broken in the ways a fuzzer takes long to find by flipping bytes:
 not an object, wrong types, paths leading out of the bundle, huge numbers, unicode, deep nesting. `bug-*` inputs
-reproduce the loader bugs found while fuzzing, one each. The `fuzzed-*` inputs are the fuzzer's own (picked with
-libFuzzer's -merge=1 from long runs) and are not written here. Run this again when the tiny bundle's files change:
-tests/test_fuzz.py then fails on the valid seeds, whose checksums are stale.
+reproduce the loader bugs found while fuzzing, one each; all but two are written here: the fuzzer's own crash inputs
+`bug-tokenizer-word-level-without-unknown` and `bug-tokenizer-unknown-token-only-added` are kept as it found them
+(they replace tokenizer.json, so the valid bundle's changes do not make them stale). The `fuzzed-*` inputs are the
+fuzzer's own (picked with libFuzzer's -merge=1 from long runs) and are not written here. Run this again when the
+tiny bundle's files change: tests/test_fuzz.py then fails on the valid seeds, whose checksums are stale.
 """
 
 from __future__ import annotations
